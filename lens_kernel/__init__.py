@@ -1,0 +1,40 @@
+"""Pure tensor maths of the logit lens: norms, unembedding, metrics, collapse rules.
+
+Imports torch only: no Ray, no Arrow, no files, no tokenizer strings.
+"""
+
+from lens_kernel.collapse import CollapseRule, PromptCollapse, collapse_layers, first_true_layer
+from lens_kernel.lens import LensInputs, LensOutputs, UnembedSpec, decode_rows, lens_pass
+from lens_kernel.metrics import (
+    NextTokenStats,
+    RowStats,
+    entropy_bits,
+    kl_bits,
+    next_token_stats,
+    row_stats,
+    temperature_topk,
+)
+from lens_kernel.norms import LENS_MODES, NormSpec, apply_norm, build_norm_plan
+
+__all__ = [
+    "LENS_MODES",
+    "CollapseRule",
+    "LensInputs",
+    "LensOutputs",
+    "NextTokenStats",
+    "NormSpec",
+    "PromptCollapse",
+    "RowStats",
+    "UnembedSpec",
+    "apply_norm",
+    "build_norm_plan",
+    "collapse_layers",
+    "decode_rows",
+    "entropy_bits",
+    "first_true_layer",
+    "kl_bits",
+    "lens_pass",
+    "next_token_stats",
+    "row_stats",
+    "temperature_topk",
+]

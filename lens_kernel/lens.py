@@ -1,0 +1,221 @@
+"""The lens pass: residuals -> per-layer norm -> float32 unembed -> metrics, chunked by memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lens_kernel.collapse import CollapseRule, PromptCollapse, collapse_layers
+from lens_kernel.metrics import NextTokenStats, RowStats, next_token_stats, row_stats
+from lens_kernel.norms import NormSpec, apply_norm
+
+DEFAULT_CHUNK_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True, eq=False)
+class UnembedSpec:
+    """logits = softcap(x @ W_U + b_U), all float32.
+
+    softcap (Gemma 2/3 ``final_logit_softcapping``): logits = cap * tanh(z / cap).
+    """
+
+    W_U: torch.Tensor  # [d_model, vocab] float32
+    b_U: torch.Tensor | None = None  # [vocab] float32
+    softcap: float | None = None
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.W_U.shape[1])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.float() @ self.W_U
+        if self.b_U is not None:
+            logits = logits + self.b_U
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def decode_rows(
+    resid: torch.Tensor,
+    layer_of_row: torch.Tensor,
+    norm_plan: list[NormSpec | None],
+    unembed: UnembedSpec,
+    keep_bias: bool = True,
+) -> torch.Tensor:
+    """Lens logits [n, V] for residual rows [n, d_model]; row r uses norm_plan[layer_of_row[r]].
+
+    Norms are applied per distinct spec (one call per group, not per row); one unembed matmul.
+    """
+    resid = resid.float()
+    groups: dict[int, list[int]] = {}
+    specs: dict[int, NormSpec | None] = {}
+    for layer, spec in enumerate(norm_plan):
+        groups.setdefault(id(spec), []).append(layer)
+        specs[id(spec)] = spec
+    if len(groups) == 1:
+        normed = apply_norm(resid, norm_plan[0], keep_bias)
+    else:
+        group_of_layer = torch.empty(len(norm_plan), dtype=torch.long)
+        for g, layers in enumerate(groups.values()):
+            group_of_layer[layers] = g
+        row_group = group_of_layer.to(layer_of_row.device)[layer_of_row]
+        normed = torch.empty_like(resid)
+        for g, key in enumerate(groups):
+            rows = (row_group == g).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                normed[rows] = apply_norm(resid[rows], specs[key], keep_bias)
+    return unembed(normed)
+
+
+@dataclass
+class LensInputs:
+    """One batch of prompts for the lens.
+
+    resid_next: [layers, B, d_model] residuals at each prompt's next-token position.
+    resid_all:  [layers, B, T, d_model] residuals at every position, or None (next-token only).
+    positions:  [B, T] bool, which positions of resid_all to decode (real tokens only).
+    prompt_ids: [B, T_prompt] int64 token ids, -1 padded (for the copy rule).
+    answer_ids: [B] int64 gold first-token ids, -1 where no answer was given.
+    """
+
+    resid_next: torch.Tensor
+    prompt_ids: torch.Tensor
+    answer_ids: torch.Tensor
+    resid_all: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+@dataclass
+class LensOutputs:
+    """All lens results for one batch.
+
+    all_rows / row_batch / row_layer / row_pos: every requested (prompt, layer, position), ordered
+    by prompt, then layer, then position; None for a next-token-only batch.
+    next: [layers, B] next-token metrics; final_logits: [B, V] lens logits at the last layer.
+    """
+
+    next: NextTokenStats
+    collapse: PromptCollapse
+    final_logits: torch.Tensor
+    all_rows: RowStats | None = None
+    row_batch: torch.Tensor | None = None
+    row_layer: torch.Tensor | None = None
+    row_pos: torch.Tensor | None = None
+
+
+def _rows_per_chunk(d_vocab: int, chunk_bytes: int) -> int:
+    # logits, log-probs, probs and a temporary: about four float32 [rows, V] buffers alive at once.
+    return max(1, chunk_bytes // (4 * 4 * d_vocab))
+
+
+def _cat_rows(parts: list[RowStats]) -> RowStats:
+    return RowStats(
+        torch.cat([p.entropy_bits for p in parts]),
+        torch.cat([p.top_ids for p in parts]),
+        torch.cat([p.top_probs for p in parts]),
+        torch.cat([p.rest_mass for p in parts]),
+    )
+
+
+def lens_pass(
+    inputs: LensInputs,
+    norm_plan: list[NormSpec | None],
+    unembed: UnembedSpec,
+    top_k: int = 20,
+    rule: CollapseRule | None = None,
+    keep_bias: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> LensOutputs:
+    """Decode every requested row of a batch and compute all lens metrics."""
+    rule = rule or CollapseRule()
+    n_rows_layers, batch, _ = inputs.resid_next.shape
+    if n_rows_layers != len(norm_plan):
+        raise ValueError(
+            f"residuals have {n_rows_layers} layers but the norm plan has {len(norm_plan)}"
+        )
+    device = inputs.resid_next.device
+    layer_ids = torch.arange(n_rows_layers, device=device)
+
+    # Next-token rows, chunked over prompts so [layers, chunk, V] stays within the budget.
+    per_chunk = max(1, _rows_per_chunk(unembed.d_vocab, chunk_bytes) // n_rows_layers)
+    final_logits = decode_rows(
+        inputs.resid_next[-1], layer_ids[-1].expand(batch), norm_plan, unembed, keep_bias
+    )
+    final_log_probs = torch.log_softmax(final_logits, dim=-1)
+    parts: list[NextTokenStats] = []
+    for b0 in range(0, batch, per_chunk):
+        b1 = min(batch, b0 + per_chunk)
+        resid = inputs.resid_next[:, b0:b1]  # [layers, nb, d]
+        flat_layers = layer_ids.repeat_interleave(b1 - b0)
+        logits = decode_rows(
+            resid.reshape(-1, resid.shape[-1]), flat_layers, norm_plan, unembed, keep_bias
+        )
+        parts.append(
+            next_token_stats(
+                logits.view(n_rows_layers, b1 - b0, -1),
+                final_log_probs[b0:b1],
+                inputs.answer_ids[b0:b1],
+                inputs.prompt_ids[b0:b1],
+                top_k,
+                rule.copy_threshold,
+                rule.copy_margin,
+                rule.entropy_collapse_bits,
+            )
+        )
+    nxt = _cat_next(parts)
+    collapse = collapse_layers(nxt.copy_collapse, nxt.entropy_collapse, nxt.is_answer)
+    out = LensOutputs(next=nxt, collapse=collapse, final_logits=final_logits)
+    if inputs.resid_all is None:
+        return out
+
+    if inputs.positions is None:
+        raise ValueError("resid_all needs a positions mask")
+    # Rows ordered by (prompt, layer, position): prompt b owns counts[b] * layers rows,
+    # layer-major over its requested positions.
+    b_idx, t_idx = inputs.positions.nonzero(as_tuple=True)  # sorted by prompt, then position
+    counts = torch.bincount(b_idx, minlength=batch)
+    starts = torch.cumsum(counts, 0) - counts
+    rows_per_prompt = counts * n_rows_layers
+    row_b = torch.repeat_interleave(torch.arange(batch, device=device), rows_per_prompt)
+    offset = torch.arange(row_b.numel(), device=device) - torch.repeat_interleave(
+        starts * n_rows_layers, rows_per_prompt
+    )
+    row_layer = offset // counts[row_b]
+    row_pos = t_idx[starts[row_b] + offset % counts[row_b]]
+
+    per_chunk = _rows_per_chunk(unembed.d_vocab, chunk_bytes)
+    chunks: list[RowStats] = []
+    for r0 in range(0, row_b.numel(), per_chunk):
+        sl = slice(r0, r0 + per_chunk)
+        resid = inputs.resid_all[row_layer[sl], row_b[sl], row_pos[sl]]  # [rows, d]
+        logits = decode_rows(resid, row_layer[sl], norm_plan, unembed, keep_bias)
+        chunks.append(row_stats(logits, top_k))
+    if not chunks:  # no position requested: empty [0] / [0, k] results rather than a crash
+        chunks.append(row_stats(torch.empty(0, unembed.d_vocab, device=device), top_k))
+    out.all_rows = _cat_rows(chunks)
+    out.row_batch, out.row_layer, out.row_pos = row_b, row_layer, row_pos
+    return out
+
+
+def _cat_next(parts: list[NextTokenStats]) -> NextTokenStats:
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts], dim=1)
+
+    def cat_rows(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p.rows, name) for p in parts], dim=1)
+
+    rows = RowStats(*(cat_rows(n) for n in ("entropy_bits", "top_ids", "top_probs", "rest_mass")))
+    return NextTokenStats(
+        rows,
+        cat("answer_prob"),
+        cat("answer_rank"),
+        cat("kl_to_final_bits"),
+        cat("copy_collapse"),
+        cat("entropy_collapse"),
+        cat("is_answer"),
+    )

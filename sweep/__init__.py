@@ -1,0 +1,1 @@
+"""The Ray driver: manifests -> plan -> actors -> merge -> artefacts; the CLI lives here."""
