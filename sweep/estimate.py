@@ -1,0 +1,169 @@
+"""Memory-fit estimator: a model's shape from its config or file headers, never its weights.
+
+Shapes come from a hub or local ``config.json`` (plus safetensors headers for an exact parameter
+count where a local directory has them) or from a GGUF header (exact tensor sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from actors.sources import DEFAULT_CACHE_DIR, ModelSource, resolve_gguf
+from sweep.errors import SweepError
+
+GIB = 2**30
+BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
+HEADROOM_FACTOR = 1.2  # allocator fragmentation, temporaries we do not model
+HEADROOM_FIXED = 512 * 2**20  # runtime context (CUDA context, Python, tokenizer)
+LENS_CHUNK_BYTES = 512 * 2**20  # the kernel's row-chunk budget
+
+
+class EstimateError(SweepError):
+    """The model's shape could not be read (no config, unreachable hub, unreadable header)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_params: int
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    n_heads: int
+    d_mlp: int
+    exact_params: bool  # counted from tensor headers rather than derived from the config
+
+
+def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    if default is not None:
+        return default
+    raise EstimateError(f"config has none of {keys}")
+
+
+def shape_from_config(cfg: dict[str, Any], n_params: int | None = None) -> ModelShape:
+    """Shape of a decoder-only transformer from an HF config dict."""
+    cfg = cfg.get("text_config", cfg) if "text_config" in cfg and "hidden_size" not in cfg else cfg
+    d = int(_first(cfg, "hidden_size", "n_embd", "d_model"))
+    n_layers = int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers"))
+    vocab = int(_first(cfg, "vocab_size"))
+    heads = int(_first(cfg, "num_attention_heads", "n_head"))
+    kv_heads = int(_first(cfg, "num_key_value_heads", default=heads))
+    head_dim = int(_first(cfg, "head_dim", default=d // heads))
+    d_mlp = int(_first(cfg, "intermediate_size", "n_inner", default=4 * d))
+    exact = n_params is not None
+    if n_params is None:
+        gated = cfg.get("model_type") != "gpt2"
+        attn = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
+        mlp = (3 if gated else 2) * d * d_mlp
+        tied = bool(cfg.get("tie_word_embeddings", True))
+        n_pos = int(cfg.get("n_positions", 0)) if cfg.get("model_type") == "gpt2" else 0
+        n_params = n_layers * (attn + mlp + 4 * d) + vocab * d * (1 if tied else 2) + n_pos * d + d
+    return ModelShape(n_params, n_layers, d, vocab, heads, d_mlp, exact)
+
+
+def _safetensors_params(directory: Path) -> int | None:
+    """Exact parameter count from safetensors headers (8-byte length + JSON), if present."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for dim in info["shape"]:
+                    n *= dim
+                total += n
+    return total
+
+
+def _hub_config(repo: str, revision: str | None) -> dict[str, Any]:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo, "config.json", revision=revision)
+    except Exception as exc:  # the hub client raises many types; all mean "cannot read it"
+        raise EstimateError(
+            f"could not fetch config.json of {repo!r} from the hub ({type(exc).__name__}:"
+            f" {exc}); check the id, your network and token, or point 'id' at a local directory"
+        ) from None
+    return json.loads(Path(path).read_text())
+
+
+def _gguf_shape(path: Path) -> ModelShape:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    n_params = int(sum(int(t.n_elements) for t in reader.tensors))
+    arch_field = reader.fields["general.architecture"]
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+
+    def meta(key: str, default: int | None = None) -> int:
+        field = reader.fields.get(f"{arch}.{key}")
+        if field is None:
+            if default is None:
+                raise EstimateError(f"GGUF {path.name} has no {arch}.{key}")
+            return default
+        return int(field.parts[field.data[0]][0])
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else meta("vocab_size")
+    d = meta("embedding_length")
+    return ModelShape(
+        n_params=n_params,
+        n_layers=meta("block_count"),
+        d_model=d,
+        d_vocab=vocab,
+        n_heads=meta("attention.head_count"),
+        d_mlp=meta("feed_forward_length", 4 * d),
+        exact_params=True,
+    )
+
+
+def model_shape(source: ModelSource, cache_dir: Path = DEFAULT_CACHE_DIR) -> ModelShape:
+    """Read a model's shape without loading (or downloading) its weights."""
+    try:
+        if source.hf is None:
+            return _gguf_shape(resolve_gguf(source, cache_dir))
+        local = Path(source.hf)
+        if local.is_dir():
+            cfg_file = local / "config.json"
+            if not cfg_file.is_file():
+                raise EstimateError(
+                    f"{local} has no config.json: not a Hugging Face model directory"
+                )
+            return shape_from_config(json.loads(cfg_file.read_text()), _safetensors_params(local))
+        return shape_from_config(_hub_config(source.hf, source.revision))
+    except EstimateError:
+        raise
+    except Exception as exc:  # a broken file of any kind: say which and why
+        raise EstimateError(
+            f"could not read the shape of {source.label!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def estimate_peak_bytes(shape: ModelShape, dtype: str, batch_size: int, seq_len: int) -> int:
+    """Conservative peak memory of one lens actor, in bytes.
+
+    weights in the compute dtype + a float32 copy of the unembedding + hooked residuals
+    ([layers + 1, batch, seq, d_model]) + forward activations and attention scores + the model's
+    logits + the lens's row-chunk budget; then x1.2 and +512 MiB of headroom.
+    """
+    b = BYTES_PER_PARAM[dtype]
+    weights = shape.n_params * b
+    unembed_f32 = shape.d_model * shape.d_vocab * 4
+    resid = (shape.n_layers + 1) * batch_size * seq_len * shape.d_model * b
+    acts = batch_size * seq_len * (4 * shape.d_model + 2 * shape.d_mlp) * b
+    attn = batch_size * shape.n_heads * seq_len * seq_len * b * 2
+    logits = batch_size * seq_len * shape.d_vocab * b
+    total = weights + unembed_f32 + resid + acts + attn + logits + LENS_CHUNK_BYTES
+    return int(total * HEADROOM_FACTOR + HEADROOM_FIXED)

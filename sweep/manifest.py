@@ -1,0 +1,309 @@
+"""TOML manifests -> one validated, frozen Manifest. Every error names the file and the key.
+
+A manifest may ``include`` others (paths relative to it): their [sweep] tables are merged
+(the including file wins) and their models and prompts come first, in include order.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from actors import ModelSource, PromptSpec
+from sweep.errors import ManifestError
+
+LENS_MODES = ("final", "next_ln1", "raw")
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("cuda", "mps", "cpu")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """The [sweep] table. Defaults live here and nowhere else."""
+
+    name: str = "sweep"
+    lens: str = "final"
+    seed: int = 316
+    top_k: int = 20
+    copy_threshold: float = 0.90
+    copy_margin: float = 0.05
+    batch_size: int = 16
+    temperatures: tuple[float, ...] = (0.1, 2.0)
+    prepend_bos: bool = True
+    keep_layernorm_bias: bool = True
+    keep_residuals: bool = False
+    max_seq_len: int = 256  # for memory estimates only; prompts are never cut
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    source: ModelSource
+    dtype: str | None = None
+    device: str | None = None  # None: the planner chooses cuda -> mps -> cpu
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    options: SweepOptions
+    models: tuple[ModelEntry, ...]
+    prompts: tuple[PromptSpec, ...]
+    sources: tuple[str, ...] = field(default=())  # every file read, includes first
+
+    def fingerprint(self, model: ModelEntry) -> str:
+        """Hash of everything that determines a model's results (not its artefact paths)."""
+        payload = {
+            "model": {**asdict(model), "source": asdict(model.source)},
+            "options": asdict(self.options),
+            "prompts": [asdict(p) for p in self.prompts],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolved(self) -> dict[str, Any]:
+        """A plain, TOML-like dict of the fully resolved manifest (written into the run)."""
+        return {
+            "sweep": asdict(self.options),
+            "models": [
+                {
+                    "name": m.name,
+                    **{k: v for k, v in asdict(m.source).items() if v not in (None, False)},
+                    "dtype": m.dtype,
+                    "device": m.device,
+                }
+                for m in self.models
+            ],
+            "prompts": [asdict(p) for p in self.prompts],
+            "files": list(self.sources),
+        }
+
+
+_TOP_KEYS = ("include", "sweep", "models", "prompts")
+_SWEEP_KEYS = tuple(SweepOptions.__dataclass_fields__)
+_MODEL_KEYS = ("name", "id", "gguf", "dtype", "device", "revision", "trust_remote_code")
+_GGUF_KEYS = ("package", "file")
+_PROMPT_KEYS = ("id", "text", "file", "answer", "positions", "primary")
+
+
+def _fail(path: Path, where: str, message: str) -> ManifestError:
+    return ManifestError(f"{path}: {where}: {message}")
+
+
+def _check_keys(path: Path, where: str, table: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise _fail(path, where, f"unknown key {key!r}{hint} (allowed: {', '.join(allowed)})")
+
+
+def _typed(path: Path, where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    # bool is an int in Python: never accept it where a number is meant.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise _fail(path, where, f"expected {what}, got a boolean")
+    if not isinstance(value, kind):
+        raise _fail(path, where, f"expected {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest file not found")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{path}: TOML syntax error: {exc}") from None
+
+
+def _parse_sweep(path: Path, table: Any, base: dict[str, Any]) -> dict[str, Any]:
+    table = _typed(path, "[sweep]", table, dict, "a table")
+    _check_keys(path, "[sweep]", table, _SWEEP_KEYS)
+    merged = dict(base)
+    for key, value in table.items():
+        where = f"[sweep].{key}"
+        if key in ("name", "lens"):
+            _typed(path, where, value, str, "a string")
+        elif key in ("seed", "top_k", "batch_size", "max_seq_len"):
+            _typed(path, where, value, int, "an integer")
+        elif key in ("copy_threshold", "copy_margin"):
+            value = float(_typed(path, where, value, (int, float), "a number"))
+        elif key in ("prepend_bos", "keep_layernorm_bias", "keep_residuals"):
+            _typed(path, where, value, bool, "true or false")
+        elif key == "temperatures":
+            _typed(path, where, value, list, "a list of numbers")
+            value = tuple(float(_typed(path, where, t, (int, float), "a number")) for t in value)
+        merged[key] = value
+    return merged
+
+
+def _check_options(path: Path, o: SweepOptions) -> None:
+    checks = [
+        ("lens", o.lens in LENS_MODES, f"must be one of {', '.join(LENS_MODES)}"),
+        ("top_k", 2 <= o.top_k <= 1000, "must be between 2 and 1000"),
+        ("batch_size", o.batch_size >= 1, "must be >= 1"),
+        ("copy_threshold", 0.0 <= o.copy_threshold <= 1.0, "must be in [0, 1]"),
+        ("copy_margin", 0.0 <= o.copy_margin <= 1.0, "must be in [0, 1]"),
+        ("temperatures", all(t > 0 for t in o.temperatures), "every temperature must be > 0"),
+        ("seed", o.seed >= 0, "must be >= 0"),
+        ("max_seq_len", o.max_seq_len >= 1, "must be >= 1"),
+    ]
+    for key, ok, message in checks:
+        if not ok:
+            raise _fail(path, f"[sweep].{key}", f"{message}, got {getattr(o, key)!r}")
+
+
+def _parse_model(path: Path, i: int, table: Any) -> ModelEntry:
+    where = f"models[{i}]"
+    table = _typed(path, where, table, dict, "a table ([[models]])")
+    _check_keys(path, where, table, _MODEL_KEYS)
+    has_id, has_gguf = "id" in table, "gguf" in table
+    if has_id == has_gguf:
+        raise _fail(path, where, "give exactly one of 'id' (hub id or directory) or 'gguf'")
+    common = {
+        "revision": table.get("revision"),
+        "trust_remote_code": table.get("trust_remote_code", False),
+    }
+    if common["revision"] is not None:
+        _typed(path, f"{where}.revision", common["revision"], str, "a string")
+    _typed(path, f"{where}.trust_remote_code", common["trust_remote_code"], bool, "true or false")
+    if has_id:
+        hf = _typed(path, f"{where}.id", table["id"], str, "a string")
+        local = (path.parent / hf) if hf.startswith((".", "/")) else None
+        if local is not None:
+            if not local.is_dir():
+                raise _fail(path, f"{where}.id", f"local model directory not found: {local}")
+            hf = str(local.resolve())
+        source = ModelSource(hf=hf, **common)
+    else:
+        gguf = table["gguf"]
+        if isinstance(gguf, str):
+            file = (path.parent / gguf).resolve()
+            if not file.is_file():
+                raise _fail(path, f"{where}.gguf", f"GGUF file not found: {file}")
+            source = ModelSource(gguf_path=str(file), **common)
+        else:
+            gguf = _typed(path, f"{where}.gguf", gguf, dict, "a path or {package, file}")
+            _check_keys(path, f"{where}.gguf", gguf, _GGUF_KEYS)
+            if set(gguf) != set(_GGUF_KEYS):
+                raise _fail(path, f"{where}.gguf", "needs both 'package' and 'file'")
+            pkg = _typed(path, f"{where}.gguf.package", gguf["package"], str, "a string")
+            fname = _typed(path, f"{where}.gguf.file", gguf["file"], str, "a string")
+            source = ModelSource(gguf_package=pkg, gguf_file=fname, **common)
+    name = table.get("name", source.default_name)
+    _typed(path, f"{where}.name", name, str, "a string")
+    if not name or any(c in name for c in "/\\:") or name.startswith("."):
+        raise _fail(path, f"{where}.name", f"{name!r} cannot be part of a file name")
+    dtype, device = table.get("dtype"), table.get("device")
+    if dtype is not None and dtype not in DTYPES:
+        raise _fail(path, f"{where}.dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device is not None and device not in DEVICES:
+        raise _fail(path, f"{where}.device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
+    return ModelEntry(name=name, source=source, dtype=dtype, device=device)
+
+
+def _parse_prompt(path: Path, i: int, table: Any) -> tuple[PromptSpec, bool]:
+    where = f"prompts[{i}]"
+    table = _typed(path, where, table, dict, "a table ([[prompts]])")
+    _check_keys(path, where, table, _PROMPT_KEYS)
+    pid = _typed(path, f"{where}.id", table.get("id"), str, "a string id")
+    if ("text" in table) == ("file" in table):
+        raise _fail(path, where, "give exactly one of 'text' or 'file'")
+    if "text" in table:
+        text = _typed(path, f"{where}.text", table["text"], str, "a string")
+    else:
+        file = path.parent / _typed(path, f"{where}.file", table["file"], str, "a path")
+        if not file.is_file():
+            raise _fail(path, f"{where}.file", f"prompt file not found: {file}")
+        text = file.read_text(encoding="utf-8").removesuffix("\n")  # an editor's final newline
+    if not text:
+        raise _fail(path, f"{where}.text", "the prompt is empty")
+    answer = table.get("answer")
+    if answer is not None:
+        _typed(path, f"{where}.answer", answer, str, "a string")
+    positions = table.get("positions", "next")
+    if positions not in ("all", "next"):
+        raise _fail(path, f"{where}.positions", f"must be 'all' or 'next', got {positions!r}")
+    primary = _typed(path, f"{where}.primary", table.get("primary", False), bool, "true or false")
+    return PromptSpec(id=pid, text=text, answer=answer, positions=positions), primary
+
+
+def _collect(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], list, list, list[str]]:
+    """Read a file and its includes: (sweep table, models, prompts, files read)."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ManifestError(f"{path}: include cycle: {chain}")
+    data = _read_toml(path)
+    _check_keys(path, "top level", data, _TOP_KEYS)
+    sweep: dict[str, Any] = {}
+    models: list[tuple[Path, int, Any]] = []
+    prompts: list[tuple[Path, int, Any]] = []
+    files: list[str] = []
+    includes = _typed(path, "include", data.get("include", []), list, "a list of paths")
+    for inc in includes:
+        _typed(path, "include", inc, str, "a path")
+        sub = path.parent / inc
+        if not sub.is_file():
+            raise _fail(path, "include", f"included manifest not found: {sub}")
+        s, m, p, f = _collect(sub, (*seen, path))
+        sweep = {**sweep, **s}
+        models += m
+        prompts += p
+        files += f
+    sweep = _parse_sweep(path, data.get("sweep", {}), sweep)
+    models += [
+        (path, i, t)
+        for i, t in enumerate(_typed(path, "models", data.get("models", []), list, "[[models]]"))
+    ]
+    prompts += [
+        (path, i, t)
+        for i, t in enumerate(_typed(path, "prompts", data.get("prompts", []), list, "[[prompts]]"))
+    ]
+    return sweep, models, prompts, [*files, str(path)]
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Parse and validate a manifest; raises ManifestError with one clear line."""
+    path = Path(path)
+    sweep, raw_models, raw_prompts, files = _collect(path, ())
+    options = SweepOptions(**sweep)
+    _check_options(path, options)
+    models = [_parse_model(p, i, t) for p, i, t in raw_models]
+    parsed = [(_parse_prompt(p, i, t), p, i) for p, i, t in raw_prompts]
+    if not models:
+        raise _fail(path, "models", "the manifest lists no [[models]]")
+    if not parsed:
+        raise _fail(path, "prompts", "the manifest lists no [[prompts]]")
+    for kind, names in (
+        ("model name", [m.name for m in models]),
+        ("prompt id", [s.id for (s, _), _, _ in parsed]),
+    ):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise _fail(
+                path,
+                "models" if kind == "model name" else "prompts",
+                f"duplicate {kind}(s): {', '.join(dupes)}",
+            )
+    primaries = [s.id for (s, primary), _, _ in parsed if primary]
+    if len(primaries) > 1:
+        raise _fail(path, "prompts", f"more than one prompt marked primary: {', '.join(primaries)}")
+    primary_id = primaries[0] if primaries else parsed[0][0][0].id
+    prompts = tuple(
+        PromptSpec(s.id, s.text, s.answer, s.positions, "primary" if s.id == primary_id else "test")
+        for (s, _), _, _ in parsed
+    )
+    return Manifest(
+        path=path.resolve(),
+        options=options,
+        models=tuple(models),
+        prompts=prompts,
+        sources=tuple(files),
+    )

@@ -1,0 +1,211 @@
+"""The sweep: python -m sweep.run MANIFEST.toml [--address ADDR] [--out DIR] [--rerun-failed].
+
+Exit codes: 0 every model ok; 1 some model failed or was skipped; 2 bad input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from actors import ActorConfig
+from actors.sources import DEFAULT_CACHE_DIR
+from sweep.errors import ManifestError, RunDirError
+from sweep.estimate import BYTES_PER_PARAM, EstimateError, estimate_peak_bytes, model_shape
+from sweep.files import write_json
+from sweep.ledger import Ledger
+from sweep.manifest import Manifest, load_manifest
+from sweep.placement import DEFAULT_DTYPE, DEVICE_ORDER, ModelDemand, Placement, plan
+from sweep.provenance import provenance
+
+LATEST = "run-latest"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sweep.run", description=__doc__)
+    p.add_argument("manifest", type=Path, help="TOML manifest (see manifests/)")
+    p.add_argument(
+        "--out", type=Path, default=Path("results"), help="results root (default: results)"
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
+    )
+    p.add_argument(
+        "--rerun-failed", action="store_true", help="run only models of run-latest that are not ok"
+    )
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument(
+        "--simulate-missing-devices",
+        action="store_true",
+        help="plan on GPUs/mps that nodes advertise but lack, and run those actors on CPU (testing)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _rotate(root: Path) -> Path:
+    """Move run-latest aside as run-YYYYMMDD-HHMMSS and make a fresh, empty run-latest."""
+    latest = root / LATEST
+    if latest.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(latest.stat().st_mtime))
+        target, n = root / f"run-{stamp}", 1
+        while target.exists():
+            target, n = root / f"run-{stamp}-{n}", n + 1
+        os.replace(latest, target)
+    latest.mkdir(parents=True)
+    return latest
+
+
+def _open_run(args: argparse.Namespace, manifest: Manifest) -> tuple[Path, Ledger]:
+    if not args.rerun_failed:
+        run_dir = _rotate(args.out)
+        return run_dir, Ledger.create(run_dir, str(manifest.path))
+    run_dir = args.out / LATEST
+    if not (run_dir / "ledger.json").is_file():
+        raise RunDirError(
+            f"{run_dir}: no ledger.json to rerun from; run without --rerun-failed first"
+        )
+    ledger = Ledger.load(run_dir)
+    ledger.data["runs"] = ledger.data.get("runs", 1) + 1
+    ledger.save()
+    return run_dir, ledger
+
+
+def _actor_config(manifest: Manifest, name: str) -> ActorConfig:
+    entry = next(m for m in manifest.models if m.name == name)
+    o = manifest.options
+    return ActorConfig(
+        name=name, source=entry.source, dtype=entry.dtype, seed=o.seed, lens=o.lens,
+        keep_layernorm_bias=o.keep_layernorm_bias, top_k=o.top_k, copy_threshold=o.copy_threshold,
+        copy_margin=o.copy_margin, temperatures=o.temperatures, prepend_bos=o.prepend_bos,
+        keep_residuals=o.keep_residuals, cache_dir=str(DEFAULT_CACHE_DIR),
+    )  # fmt: skip
+
+
+def _demands(manifest: Manifest, names: list[str], ledger: Ledger) -> list[ModelDemand]:
+    """Memory demand per model and device kind; a model whose shape cannot be read fails here."""
+    demands = []
+    o = manifest.options
+    for m in manifest.models:
+        if m.name not in names:
+            continue
+        try:
+            shape = model_shape(m.source, DEFAULT_CACHE_DIR)
+        except EstimateError as exc:
+            ledger.update(m.name, status="failed", error=str(exc))
+            continue
+        dtypes = {k: m.dtype or DEFAULT_DTYPE[k] for k in DEVICE_ORDER}
+        est = {
+            k: estimate_peak_bytes(shape, dtypes[k], o.batch_size, o.max_seq_len)
+            for k in DEVICE_ORDER
+        }
+        ledger.update(m.name, n_params=shape.n_params, n_layers=shape.n_layers,
+                      weights_bytes={k: shape.n_params * BYTES_PER_PARAM[dtypes[k]] for k in DEVICE_ORDER})  # fmt: skip
+        demands.append(ModelDemand(m.name, est, dtypes, m.device))
+    return demands
+
+
+def _summary_table(ledger: Ledger) -> str:
+    rows = [("model", "status", "device", "detail")]
+    for name, e in sorted(ledger.models.items()):
+        detail = e.get("error") or (
+            f"parity {e['parity_max_abs']:.1e}" if "parity_max_abs" in e else ""
+        )
+        rows.append((name, e.get("status", "?"), str(e.get("device") or "-"), detail or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows)
+
+
+def run(args: argparse.Namespace, manifest: Manifest) -> int:
+    from sweep.cluster import connect, probe_nodes
+    from sweep.execute import run_models
+    from sweep.merge import merge_run
+
+    run_dir, ledger = _open_run(args, manifest)
+    write_json(run_dir / "manifest.resolved.json", manifest.resolved())
+    write_json(run_dir / "provenance.json", provenance(manifest.options.seed))
+    todo = []
+    for m in manifest.models:
+        fp = manifest.fingerprint(m)
+        if ledger.is_done(m.name, fp):
+            continue
+        ledger.update(m.name, status="pending", fingerprint=fp, error=None)
+        todo.append(m.name)
+    ledger.data["cluster"] = connect(args.address, args.num_cpus)
+    nodes = probe_nodes(args.simulate_missing_devices)
+    ledger.data["nodes"] = [
+        {"node_id": n.node_id, "ip": n.ip, "cpus": n.cpus, "cpu_free_bytes": n.cpu_free_bytes,
+         "gpu_free_bytes": list(n.gpu_free_bytes), "mps_free_bytes": n.mps_free_bytes,
+         "simulated": list(n.simulated)}
+        for n in nodes
+    ]  # fmt: skip
+    placements = plan(_demands(manifest, todo, ledger), nodes)
+    runnable: list[Placement] = []
+    for p in placements:
+        fields: dict[str, Any] = {"est_bytes": p.est_bytes, "plan": p.reason}
+        if p.status == "skipped_no_fit":
+            ledger.update(p.name, status="skipped_no_fit", error=p.reason, **fields)
+            continue
+        ledger.update(
+            p.name, node_id=p.node_id, node_ip=p.node_ip, device_kind=p.device_kind, **fields
+        )
+        runnable.append(p)
+    configs = [
+        replace(
+            _actor_config(manifest, p.name), device=p.device, simulate_missing_device=p.simulated
+        )
+        for p in runnable
+    ]
+    prov = provenance(manifest.options.seed)
+
+    def context(name: str) -> dict[str, Any]:
+        entry = ledger.models[name]
+        keys = ("node_id", "node_ip", "device_kind", "est_bytes", "plan")
+        return {
+            "placement": {k: entry.get(k) for k in keys},
+            "provenance": prov,
+            "fingerprint": entry.get("fingerprint"),
+        }
+
+    if configs:
+        run_models(
+            configs, {p.name: p.ray_options() for p in runnable}, list(manifest.prompts),
+            manifest.options.batch_size, run_dir, ledger, context, progress=not args.no_progress,
+        )  # fmt: skip
+    merge_run(run_dir, ledger.models)
+    ledger.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    ledger.save()
+    print(_summary_table(ledger))
+    print(f"artefacts: {run_dir}")
+    bad = [n for n, e in ledger.models.items() if e.get("status") != "ok"]
+    if bad:
+        print(
+            f"{len(bad)} model(s) not ok; fix the cause, then: python -m sweep.run {args.manifest} --rerun-failed"
+        )
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, manifest)
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished models are kept; resume with --rerun-failed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
