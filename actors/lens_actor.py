@@ -26,7 +26,7 @@ from actors.prompts import PromptSpec, TokenisedBatch, bos_policy, tokenise
 from actors.records import TokenTexts, records_batch, summary_batch
 from actors.runtime import DEFAULT_SEED, check_device, set_determinism
 from actors.schema import SCHEMA_VERSION
-from actors.sources import DEFAULT_CACHE_DIR, ModelSource, load_hf
+from actors.sources import DEFAULT_CACHE_DIR, ModelSource, architecture_of, load_hf, locate
 from lens_kernel import (
     CollapseRule,
     LensInputs,
@@ -103,16 +103,14 @@ class LensActor:
 
         from transformer_lens.model_bridge import TransformerBridge
 
-        # Load once in float32 on the CPU to learn the architecture, then pick the dtype.
-        hf_model, tokenizer, name_or_dir, provenance = load_hf(
-            config.source, torch.float32, Path(config.cache_dir)
-        )
-        architecture = hf_model.config.architectures[0]
-        self.facts = architecture_facts(architecture)
+        # The architecture (from the config alone) decides the dtype; weights load once, in it.
+        name_or_dir, provenance = locate(config.source, Path(config.cache_dir))
+        self.facts = architecture_facts(architecture_of(name_or_dir, config.source))
         self.dtype = (
             DTYPES[config.dtype] if config.dtype else default_dtype(self.device.type, self.facts)
         )
-        hf_model = hf_model.to(self.dtype).eval()
+        hf_model, tokenizer = load_hf(name_or_dir, config.source, self.dtype)
+        hf_model = hf_model.eval()
         self.bridge = TransformerBridge.boot_transformers(
             name_or_dir,
             hf_model=hf_model,

@@ -163,19 +163,40 @@ def convert_gguf(path: Path, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     return target, {**provenance, "gguf_cache": "miss"}
 
 
-def load_hf(
-    source: ModelSource, dtype: torch.dtype, cache_dir: Path = DEFAULT_CACHE_DIR
-) -> tuple[Any, Any, str, dict[str, Any]]:
-    """Load (hf_model, tokenizer, directory or id, provenance) on the CPU in ``dtype``."""
+def locate(source: ModelSource, cache_dir: Path = DEFAULT_CACHE_DIR) -> tuple[str, dict[str, Any]]:
+    """The hub id or directory transformers should load, and provenance facts about it."""
+    provenance: dict[str, Any] = {"source": source.label}
+    if source.hf is not None:
+        return source.hf, provenance
+    directory, facts = convert_gguf(resolve_gguf(source, cache_dir), cache_dir)
+    return str(directory), {**provenance, **facts}
+
+
+def architecture_of(name_or_dir: str, source: ModelSource) -> str:
+    """The HF model class name, read from the config alone so the dtype is chosen first."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            name_or_dir, revision=source.revision, trust_remote_code=source.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(
+            f"could not read the config of {source.label!r}: {exc}. Check the id or path; hub ids "
+            "need network access (or a populated Hugging Face cache) and gated models need a token"
+        ) from exc
+    if config.architectures:
+        return str(config.architectures[0])
+    from transformers import AutoModelForCausalLM
+
+    mapping = AutoModelForCausalLM._model_mapping  # config class -> model class
+    return mapping[type(config)].__name__
+
+
+def load_hf(name_or_dir: str, source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load (hf_model, tokenizer) on the CPU directly in ``dtype`` (no float32 detour)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    provenance: dict[str, Any] = {"source": source.label}
-    name_or_dir = source.hf
-    if source.hf is None:
-        directory, facts = convert_gguf(resolve_gguf(source, cache_dir), cache_dir)
-        provenance.update(facts)
-        name_or_dir = str(directory)
-    assert name_or_dir is not None
     common = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, **common)
@@ -189,4 +210,4 @@ def load_hf(
         ) from exc
     if not hf_model.config.architectures:
         hf_model.config.architectures = [type(hf_model).__name__]
-    return hf_model, tokenizer, name_or_dir, provenance
+    return hf_model, tokenizer
