@@ -68,8 +68,19 @@ def shape_from_config(cfg: dict[str, Any], n_params: int | None = None) -> Model
 
 
 def _safetensors_params(directory: Path) -> int | None:
-    """Exact parameter count from safetensors headers (8-byte length + JSON), if present."""
-    files = sorted(directory.glob("*.safetensors"))
+    """Exact parameter count from safetensors headers (8-byte length + JSON), if present.
+
+    Only the transformers checkpoint is counted: some repositories also ship the same weights
+    in another layout (Mistral's ``consolidated.safetensors``), which would count them twice.
+    """
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        files = sorted(directory / name for name in shards)
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
     total = 0

@@ -32,10 +32,13 @@ def explain_failure(exc: BaseException) -> str:
 
     cause = getattr(exc, "cause", None)
     root = cause if isinstance(cause, BaseException) else exc
-    text = str(root).strip().splitlines()
-    first = next((t for t in text if t.strip()), type(root).__name__)
+    lines = [t.strip() for t in str(root).splitlines() if t.strip()]
+    first = lines[0] if lines else type(root).__name__
     if isinstance(exc, rex.OutOfMemoryError) or "out of memory" in str(root).lower():
         return f"out of memory: {first[:300]}. Lower batch_size, use a half dtype, or place it elsewhere"
+    if getattr(exc, "actor_init_failed", False) and lines:
+        # The constructor raised: its traceback ends with "module.ErrorClass: message".
+        return lines[-1][:500]
     if isinstance(exc, rex.ActorDiedError | rex.RayActorError) and cause is None:
         return (
             "the actor's worker process died (killed, crashed or out of memory): "

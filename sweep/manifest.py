@@ -120,6 +120,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{path}: TOML syntax error: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes before parsing and lets this through
+        raise ManifestError(f"{path}: not UTF-8 text: {exc}") from None
 
 
 def _parse_sweep(path: Path, table: Any, base: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +223,10 @@ def _parse_prompt(path: Path, i: int, table: Any) -> tuple[PromptSpec, bool]:
         file = path.parent / _typed(path, f"{where}.file", table["file"], str, "a path")
         if not file.is_file():
             raise _fail(path, f"{where}.file", f"prompt file not found: {file}")
-        text = file.read_text(encoding="utf-8").removesuffix("\n")  # an editor's final newline
+        try:
+            text = file.read_text(encoding="utf-8").removesuffix("\n")  # an editor's final newline
+        except UnicodeDecodeError as exc:
+            raise _fail(path, f"{where}.file", f"{file} is not UTF-8 text: {exc}") from None
     if not text:
         raise _fail(path, f"{where}.text", "the prompt is empty")
     answer = table.get("answer")

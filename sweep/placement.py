@@ -78,6 +78,10 @@ class _Free:
     slots: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
 
+def _uses_ram(node: NodeInfo, kind: str) -> bool:
+    return kind in ("cpu", "mps") or kind in node.simulated
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -102,8 +106,14 @@ def plan(demands: list[ModelDemand], nodes: list[NodeInfo]) -> list[Placement]:
             if fits:
                 # Most free memory first; the slot key breaks ties so plans are reproducible.
                 before, key = max(fits, key=lambda f: (f[0], f[1]))
-                free.slots[key] = before - need
                 node = by_node[key[0]]
+                free.slots[key] = before - need
+                if _uses_ram(node, kind):
+                    # MPS unified memory and simulated devices draw on the node's RAM, as its
+                    # CPU slot does: one pool, so a placement on any of them shrinks all.
+                    for other in free.slots:
+                        if other != key and other[0] == node.node_id and _uses_ram(node, other[1]):
+                            free.slots[other] = max(0, free.slots[other] - need)
                 chosen = Placement(
                     d.name,
                     "planned",

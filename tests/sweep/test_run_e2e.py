@@ -1,0 +1,147 @@
+"""End to end through a local Ray: artefacts, seed CSV layout, ledger, exit codes, rerun, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from sweep.run import main
+
+PROMPTS = """
+[[prompts]]
+id = "capital-de"
+text = "Give the city name only, plain text. The capital of Germany is called simply"
+answer = "Berlin"
+positions = "all"
+primary = true
+
+[[prompts]]
+id = "capital-fr"
+text = "The capital of France is"
+answer = "Paris"
+
+[[prompts]]
+id = "no-answer"
+text = "Hello there"
+"""
+
+
+def _manifest(path: Path, models: dict[str, Path]) -> Path:
+    body = '[sweep]\nname = "e2e"\nbatch_size = 2\ntop_k = 5\n'
+    for name, directory in models.items():
+        body += f'\n[[models]]\nname = "{name}"\nid = "{directory}"\n'
+    path.write_text(body + PROMPTS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module (each sweep.run reuses it), shut down at the end."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def broken_model(tiny_checkpoints, tmp_path_factory) -> Path:
+    """A model directory with config and tokenizer but no weights: sizes fine, fails to load."""
+    src = tiny_checkpoints["llama"]
+    broken = tmp_path_factory.mktemp("broken") / "llama-no-weights"
+    shutil.copytree(src, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return broken
+
+
+def _ledger(out: Path) -> dict:
+    return json.loads((out / "run-latest" / "ledger.json").read_text())
+
+
+def test_broken_model_fails_alone_then_rerun_failed_runs_only_it(
+    ray_session, tiny_checkpoints, broken_model, tmp_path
+):
+    out = tmp_path / "results"
+    models = {
+        "tiny-llama": tiny_checkpoints["llama"],
+        "tiny-gemma2": tiny_checkpoints["gemma2"],
+        "broken": broken_model,
+    }
+    manifest = _manifest(tmp_path / "m.toml", models)
+
+    assert main([str(manifest), "--out", str(out), "--no-progress"]) == 1
+    run = out / "run-latest"
+    ledger = _ledger(out)
+    assert {n: e["status"] for n, e in ledger["models"].items()} == {
+        "tiny-llama": "ok",
+        "tiny-gemma2": "ok",
+        "broken": "failed",
+    }
+    assert "could not load" in ledger["models"]["broken"]["error"]
+    for name in ("tiny-llama", "tiny-gemma2"):
+        entry = ledger["models"][name]
+        assert entry["device"] == "cpu" and entry["node_id"] and entry["fingerprint"]
+        assert entry["parity_max_abs"] <= 1e-4
+        for f in (f"records-{name}.parquet", f"prompts-{name}.parquet", f"output-{name}.json"):
+            assert (run / f).is_file()
+        with open(run / f"output-{name}-records.csv") as fh:
+            header = next(csv.reader(fh))
+        expected = ["layer", "pos", "token", "entropy"]
+        for i in range(1, 6):
+            expected += [f"top{i}", f"prob{i}"]
+        assert header == [*expected, "rest_mass"]
+        with open(run / f"output-{name}-pure-next-token.csv") as fh:
+            rows = list(csv.reader(fh))
+        assert rows[0][: len(expected) + 4] == [
+            *expected, "rest_mass", "copy_collapse", "entropy_collapse", "is_answer",
+        ]  # fmt: skip
+        assert len(rows) - 1 == 4  # layers 0..3 at the primary prompt's next-token position
+        records = pq.read_table(run / f"records-{name}.parquet")
+        assert set(records.column("prompt_id").to_pylist()) == {
+            "capital-de",
+            "capital-fr",
+            "no-answer",
+        }
+    # Nothing half-written is left behind by the failed model.
+    assert not list(run.glob("*broken*"))
+    assert not list(run.glob(".*"))
+    summary = pq.read_table(run / "cross-model-summary.parquet").to_pylist()
+    assert [r["model"] for r in summary] == ["broken", "tiny-gemma2", "tiny-llama"]
+    assert summary[0]["status"] == "failed" and summary[0]["L_semantic_rel"] is None
+    assert all(r["n_layers"] == 3 for r in summary[1:])
+
+    # Fix the broken model, then rerun only it, in the same run directory.
+    ok_mtime = (run / "records-tiny-llama.parquet").stat().st_mtime_ns
+    for weights in tiny_checkpoints["llama"].glob("*.safetensors"):
+        shutil.copy(weights, broken_model / weights.name)
+    assert main([str(manifest), "--out", str(out), "--rerun-failed", "--no-progress"]) == 0
+    ledger = _ledger(out)
+    assert ledger["runs"] == 2
+    assert all(e["status"] == "ok" for e in ledger["models"].values())
+    assert (run / "records-tiny-llama.parquet").stat().st_mtime_ns == ok_mtime  # not recomputed
+    assert (run / "records-broken.parquet").is_file()
+    assert len(pq.read_table(run / "cross-model-summary.parquet")) == 3
+    assert [p.name for p in out.iterdir()] == ["run-latest"]  # a rerun does not rotate
+
+
+def test_same_manifest_twice_gives_identical_numeric_artefacts(
+    ray_session, tiny_checkpoints, tmp_path
+):
+    out = tmp_path / "results"
+    manifest = _manifest(tmp_path / "m.toml", {"tiny-gpt2": tiny_checkpoints["gpt2"]})
+    assert main([str(manifest), "--out", str(out), "--no-progress"]) == 0
+    assert main([str(manifest), "--out", str(out), "--no-progress"]) == 0
+    runs = sorted(p for p in out.iterdir())
+    assert len(runs) == 2 and runs[-1].name == "run-latest"  # the first run was rotated aside
+    first, second = runs
+    for f in ("records-tiny-gpt2.parquet", "prompts-tiny-gpt2.parquet"):
+        assert pq.read_table(first / f).equals(pq.read_table(second / f))
+    for f in (
+        "output-tiny-gpt2-records.csv",
+        "output-tiny-gpt2-pure-next-token.csv",
+        "cross-model-summary.csv",
+    ):
+        assert (first / f).read_bytes() == (second / f).read_bytes()
