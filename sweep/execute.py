@@ -35,7 +35,8 @@ def explain_failure(exc: BaseException) -> str:
     lines = [t.strip() for t in str(root).splitlines() if t.strip()]
     first = lines[0] if lines else type(root).__name__
     if isinstance(exc, rex.OutOfMemoryError) or "out of memory" in str(root).lower():
-        return f"out of memory: {first[:300]}. Lower batch_size, use a half dtype, or place it elsewhere"
+        hint = "lower batch_size, use a half dtype, or place it elsewhere"
+        return f"out of memory: {first[:300]}; {hint}"
     if getattr(exc, "actor_init_failed", False) and lines:
         # The constructor raised: its traceback ends with "module.ErrorClass: message".
         return lines[-1][:500]

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--simulate-missing-devices",
         action="store_true",
-        help="plan on GPUs/mps that nodes advertise but lack, and run those actors on CPU (testing)",
+        help="plan on GPUs/mps that nodes advertise but lack; run those actors on CPU (testing)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -104,8 +104,10 @@ def _demands(manifest: Manifest, names: list[str], ledger: Ledger) -> list[Model
             k: estimate_peak_bytes(shape, dtypes[k], o.batch_size, o.max_seq_len)
             for k in DEVICE_ORDER
         }
-        ledger.update(m.name, n_params=shape.n_params, n_layers=shape.n_layers,
-                      weights_bytes={k: shape.n_params * BYTES_PER_PARAM[dtypes[k]] for k in DEVICE_ORDER})  # fmt: skip
+        weights = {k: shape.n_params * BYTES_PER_PARAM[dtypes[k]] for k in DEVICE_ORDER}
+        ledger.update(
+            m.name, n_params=shape.n_params, n_layers=shape.n_layers, weights_bytes=weights
+        )
         demands.append(ModelDemand(m.name, est, dtypes, m.device))
     return demands
 
@@ -185,7 +187,8 @@ def run(args: argparse.Namespace, manifest: Manifest) -> int:
     bad = [n for n, e in ledger.models.items() if e.get("status") != "ok"]
     if bad:
         print(
-            f"{len(bad)} model(s) not ok; fix the cause, then: python -m sweep.run {args.manifest} --rerun-failed"
+            f"{len(bad)} model(s) not ok; fix the cause, then: "
+            f"python -m sweep.run {args.manifest} --rerun-failed"
         )
     return 1 if bad else 0
 

@@ -1,4 +1,4 @@
-"""End to end through a local Ray: artefacts, seed CSV layout, ledger, exit codes, rerun, determinism."""
+"""End to end through a local Ray: artefacts, seed CSVs, ledger, exit codes, rerun, determinism."""
 
 from __future__ import annotations
 
