@@ -123,6 +123,17 @@ def _summary_table(ledger: Ledger) -> str:
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows)
 
 
+def _reports(run_dir: Path) -> None:
+    """Reports are derived data: a failure here is reported but loses no result."""
+    from sweep.report import build_reports
+
+    try:
+        build_reports(run_dir)
+    except Exception as exc:  # any bug in a report must not turn a finished sweep into a crash
+        print(f"warning: reports failed ({type(exc).__name__}: {exc}); "
+              f"retry with: python -m sweep.report {run_dir}", file=sys.stderr)  # fmt: skip
+
+
 def run(args: argparse.Namespace, manifest: Manifest) -> int:
     from sweep.cluster import connect, probe_nodes
     from sweep.execute import run_models
@@ -180,6 +191,7 @@ def run(args: argparse.Namespace, manifest: Manifest) -> int:
             manifest.options.batch_size, run_dir, ledger, context, progress=not args.no_progress,
         )  # fmt: skip
     merge_run(run_dir, ledger.models)
+    _reports(run_dir)
     ledger.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     ledger.save()
     print(_summary_table(ledger))

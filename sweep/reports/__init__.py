@@ -1,0 +1,1 @@
+"""Reports a researcher reads, computed from a run directory: markdown, plots, LLM bundles."""

@@ -1,0 +1,96 @@
+"""Reading one run directory into the frames the reports need."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from sweep.artefacts import artefact_paths
+
+
+@dataclass
+class ModelData:
+    """Everything about one finished model that a report uses."""
+
+    name: str
+    info: dict[str, Any]  # output-<name>.json
+    prompts: pl.DataFrame  # prompts-<name>.parquet
+    records_path: Path
+    primary_id: str | None
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        return self.info.get("diagnostics", {})
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.diagnostics.get("n_layers", 0))
+
+    def pure_next(self, prompt_id: str | None = None) -> pl.DataFrame:
+        """Next-token rows of one prompt (default: primary), one per layer, in layer order."""
+        pid = prompt_id or self.primary_id
+        return (
+            pl.scan_parquet(self.records_path)
+            .filter((pl.col("prompt_id") == pid) & pl.col("is_next_token"))
+            .sort("layer")
+            .collect()
+        )
+
+    def all_positions(self, prompt_id: str | None = None) -> pl.DataFrame:
+        pid = prompt_id or self.primary_id
+        return (
+            pl.scan_parquet(self.records_path)
+            .filter(pl.col("prompt_id") == pid)
+            .sort(["layer", "pos"])
+            .collect()
+        )
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    ledger: dict[str, Any]
+    manifest: dict[str, Any]
+    models: dict[str, ModelData]  # ok models only
+
+    def prompt_text(self, prompt_id: str) -> str | None:
+        for p in self.manifest.get("prompts", []):
+            if p["id"] == prompt_id:
+                return p["text"]
+        return None
+
+    @property
+    def not_ok(self) -> dict[str, dict[str, Any]]:
+        return {
+            n: e
+            for n, e in sorted(self.ledger.get("models", {}).items())
+            if e.get("status") != "ok"
+        }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def load_run(run_dir: Path) -> RunData:
+    """Read the ledger, the resolved manifest and every ok model's artefacts."""
+    ledger = _read_json(run_dir / "ledger.json")
+    manifest = _read_json(run_dir / "manifest.resolved.json")
+    models: dict[str, ModelData] = {}
+    for name, entry in sorted(ledger.get("models", {}).items()):
+        paths = artefact_paths(run_dir, name)
+        if entry.get("status") != "ok" or not paths["prompts_parquet"].is_file():
+            continue
+        prompts = pl.read_parquet(paths["prompts_parquet"]).sort("prompt_id")
+        primary = prompts.filter(pl.col("role") == "primary")["prompt_id"]
+        primary_id = (
+            primary[0] if len(primary) else (prompts["prompt_id"][0] if prompts.height else None)
+        )
+        models[name] = ModelData(
+            name, _read_json(paths["json"]), prompts, paths["records_parquet"], primary_id
+        )
+    return RunData(run_dir, ledger, manifest, models)

@@ -1,0 +1,150 @@
+"""PNG plots (matplotlib, headless). Figure sizes are fixed by the data, so a PNG's pixel size is
+predictable: size_px = figsize_in * DPI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on workers or CI
+
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
+from matplotlib.ticker import MaxNLocator
+
+from sweep.files import write_atomic
+from sweep.reports.data import ModelData
+
+DPI = 100
+MAX_TOKEN_CHARS = 7
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    write_atomic(path, lambda p: fig.savefig(p, dpi=DPI, format="png"))
+    plt.close(fig)
+    return path
+
+
+def token_label(text: str | None) -> str:
+    """A token as a short, visible label: whitespace made visible, long ones cut with an ellipsis."""
+    if text is None:
+        return ""
+    shown = text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u00b7")
+    shown = shown.replace("$", r"\$")  # matplotlib would read $...$ as maths
+    return shown if len(shown) <= MAX_TOKEN_CHARS else shown[: MAX_TOKEN_CHARS - 1] + "\u2026"
+
+
+def entropy_answer_figsize() -> tuple[float, float]:
+    return (8.0, 4.5)
+
+
+def plot_entropy_answer(model: ModelData, rows: pl.DataFrame, path: Path) -> Path:
+    """Entropy (bits, left axis) and answer probability (right axis) against layer."""
+    fig, ax = plt.subplots(figsize=entropy_answer_figsize(), layout="constrained")
+    layers = rows["layer"].to_numpy()
+    ax.plot(
+        layers,
+        rows["entropy_bits"].to_numpy(),
+        color="tab:blue",
+        marker="o",
+        ms=3,
+        label="entropy (bits)",
+    )
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("entropy (bits)", color="tab:blue")
+    handles = ax.get_lines()[:]
+    if rows["answer_prob"].null_count() < rows.height:
+        ax2 = ax.twinx()
+        ax2.plot(
+            layers,
+            rows["answer_prob"].to_numpy(),
+            color="tab:red",
+            marker="s",
+            ms=3,
+            label="p(answer)",
+        )
+        ax2.set_ylabel("p(answer)", color="tab:red")
+        ax2.set_ylim(0, 1)
+        handles += ax2.get_lines()
+    ax.legend(handles=handles, labels=[h.get_label() for h in handles], loc="upper right")
+    ax.set_title(f"{model.name}: next-token entropy and answer probability by layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def heatmap_figsize(n_layers: int, n_pos: int) -> tuple[float, float]:
+    return (2.0 + 0.75 * n_pos, 1.6 + 0.28 * (n_layers + 1))
+
+
+def plot_top1_heatmap(model: ModelData, rows: pl.DataFrame, path: Path) -> Path:
+    """Layers x positions, each cell the top-1 token text, coloured by entropy (tuned-lens style)."""
+    n_layers = int(rows["layer"].max()) + 1
+    positions = sorted(rows["pos"].unique().to_list())
+    col = {p: i for i, p in enumerate(positions)}
+    ent = np.full((n_layers, len(positions)), np.nan)
+    text = [["" for _ in positions] for _ in range(n_layers)]
+    inputs = {}
+    for r in rows.select("layer", "pos", "entropy_bits", "top_tokens", "token").iter_rows(
+        named=True
+    ):
+        ent[r["layer"], col[r["pos"]]] = r["entropy_bits"]
+        text[r["layer"]][col[r["pos"]]] = token_label(
+            r["top_tokens"][0] if r["top_tokens"] else None
+        )
+        inputs[r["pos"]] = r["token"]
+    fig, ax = plt.subplots(figsize=heatmap_figsize(n_layers, len(positions)), layout="constrained")
+    im = ax.imshow(ent, aspect="auto", cmap="viridis", origin="lower", interpolation="nearest")
+    vmax = np.nanmax(ent) if np.isfinite(ent).any() else 1.0
+    for i in range(n_layers):
+        for j in range(len(positions)):
+            dark = ent[i, j] < 0.6 * vmax if np.isfinite(ent[i, j]) else False
+            ax.text(
+                j,
+                i,
+                text[i][j],
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if dark else "black",
+            )
+    ax.set_xticks(
+        range(len(positions)), [token_label(inputs[p]) for p in positions], rotation=60, fontsize=7
+    )
+    ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=6)
+    ax.set_xlabel("input token at position")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{model.name}: top-1 lens token by layer and position ({model.primary_id})")
+    bar = fig.colorbar(im, ax=ax, label="entropy (bits)")
+    bar.formatter.set_useOffset(False)
+    bar.update_ticks()
+    return _save(fig, path)
+
+
+def cross_figsize() -> tuple[float, float]:
+    return (12.0, 4.8)
+
+
+def plot_cross_model(curves: dict[str, pl.DataFrame], path: Path) -> Path:
+    """Answer probability and entropy against relative depth (layer / n_layers), one line a model."""
+    fig, (ax_p, ax_h) = plt.subplots(1, 2, figsize=cross_figsize(), layout="constrained")
+    for name, rows in sorted(curves.items()):
+        depth = rows["rel_depth"].to_numpy()
+        if rows["answer_prob"].null_count() < rows.height:
+            ax_p.plot(depth, rows["answer_prob"].to_numpy(), marker="o", ms=2, label=name)
+        ax_h.plot(depth, rows["entropy_bits"].to_numpy(), marker="o", ms=2, label=name)
+    ax_p.set(
+        xlabel="relative depth (layer / n_layers)", ylabel="p(answer)", ylim=(0, 1), xlim=(0, 1)
+    )
+    ax_p.set_title("answer probability at the next-token position")
+    ax_h.set(xlabel="relative depth (layer / n_layers)", ylabel="entropy (bits)", xlim=(0, 1))
+    ax_h.set_title("next-token entropy")
+    for ax in (ax_p, ax_h):
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    return _save(fig, path)
