@@ -136,7 +136,8 @@ class LensActor:
             for i, b in enumerate(blocks)
         ]
         plan = build_norm_plan(config.lens, self.n_layers, final, ln1, ln2, self.facts.pre_norm)
-        moved = {id(s): _to_device(s, self.device) for s in plan if s is not None}
+        moved = {id(s): _to_device(s, self.device) for s in [*plan, final] if s is not None}
+        self.final_norm = moved[id(final)]
         # Shared specs stay shared: the kernel groups layers by spec identity.
         self.norm_plan = [None if s is None else moved[id(s)] for s in plan]
         self.norm_names = [None if s is None else s.name for s in self.norm_plan]
@@ -183,6 +184,7 @@ class LensActor:
                 rule=self.rule,
                 keep_bias=self.config.keep_layernorm_bias,
                 chunk_bytes=self.config.chunk_bytes,
+                final_norm=self.final_norm,
             )
             parity = (out.final_logits - model_logits).abs().amax(dim=-1)  # [B]
             self._check_parity(float(parity.max()))

@@ -11,6 +11,7 @@ from lens_kernel.metrics import NextTokenStats, RowStats, next_token_stats, row_
 from lens_kernel.norms import NormSpec, apply_norm
 
 DEFAULT_CHUNK_BYTES = 512 * 2**20
+_PLAN_LAST = object()  # lens_pass default: the reference uses the plan's last-layer norm
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +94,7 @@ class LensOutputs:
 
     all_rows / row_batch / row_layer / row_pos: every requested (prompt, layer, position), ordered
     by prompt, then layer, then position; None for a next-token-only batch.
-    next: [layers, B] next-token metrics; final_logits: [B, V] lens logits at the last layer.
+    next: [layers, B] next-token metrics; final_logits: [B, V] reference logits (see lens_pass).
     """
 
     next: NextTokenStats
@@ -127,8 +128,14 @@ def lens_pass(
     rule: CollapseRule | None = None,
     keep_bias: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    final_norm: NormSpec | object | None = _PLAN_LAST,
 ) -> LensOutputs:
-    """Decode every requested row of a batch and compute all lens metrics."""
+    """Decode every requested row of a batch and compute all lens metrics.
+
+    ``final_norm`` is the model's own final norm. With it, the reference distribution (the
+    target of KL and of the parity check, ``final_logits``) is the model's output, whatever the
+    lens mode: last layer -> final norm (bias kept) -> unembed. Default: the plan's last norm.
+    """
     rule = rule or CollapseRule()
     n_rows_layers, batch, _ = inputs.resid_next.shape
     if n_rows_layers != len(norm_plan):
@@ -140,9 +147,12 @@ def lens_pass(
 
     # Next-token rows, chunked over prompts so [layers, chunk, V] stays within the budget.
     per_chunk = max(1, _rows_per_chunk(unembed.d_vocab, chunk_bytes) // n_rows_layers)
-    final_logits = decode_rows(
-        inputs.resid_next[-1], layer_ids[-1].expand(batch), norm_plan, unembed, keep_bias
-    )
+    if isinstance(final_norm, NormSpec) or final_norm is None:
+        final_logits = unembed(apply_norm(inputs.resid_next[-1], final_norm, keep_bias=True))
+    else:
+        final_logits = decode_rows(
+            inputs.resid_next[-1], layer_ids[-1].expand(batch), norm_plan, unembed, keep_bias
+        )
     final_log_probs = torch.log_softmax(final_logits, dim=-1)
     parts: list[NextTokenStats] = []
     for b0 in range(0, batch, per_chunk):

@@ -67,17 +67,16 @@ def build_norm_plan(
     final:    the final norm on every layer (the standard logit lens).
     next_ln1: layer i < L uses block i's input norm (ln1) on pre-norm models, block i's ln2 on
               post-norm models; layer L uses the final norm (the seed's rule).
-    raw:      no normalisation on layers 0..L-1; layer L uses the final norm.
+    raw:      no normalisation anywhere.
 
-    In every mode the last layer goes through the final norm, so the lens there reproduces the
-    model's own logits (the parity check) and KL(layer || final) compares against the model's
-    output distribution.
+    The parity check and KL(layer || final) do not depend on the mode: lens_pass decodes its
+    reference from the model's final norm (its ``final_norm`` argument).
     """
     if mode not in LENS_MODES:
         raise ValueError(f"lens mode must be one of {', '.join(LENS_MODES)}; got {mode!r}")
     n_rows = n_layers + 1
     if mode == "raw":
-        return [*([None] * n_layers), final_norm]
+        return [None] * n_rows
     if mode == "final":
         return [final_norm] * n_rows
     per_block = ln1 if pre_norm else ln2

@@ -71,7 +71,10 @@ def apply_norm(x, norm: RefNorm | None, keep_bias: bool = True):
 
 
 def norm_plan(mode: str, n_layers: int, final, ln1, ln2=None, pre_norm: bool = True) -> list:
-    """Which norm decodes lens layer 0..n_layers under each lens mode."""
+    """Which norm decodes lens layer 0..n_layers under each lens mode.
+
+    raw applies no norm at all; the KL / parity reference is decoded separately (next_token).
+    """
     if mode == "raw":
         return [None for _ in range(n_layers + 1)]
     if mode == "final":
@@ -204,6 +207,9 @@ class RefNextToken:
     summary: list  # per prompt: collapse_summary(...)
 
 
+_PLAN_LAST = object()
+
+
 def next_token(
     resid_next,
     plan,
@@ -215,11 +221,19 @@ def next_token(
     margin: float = 0.05,
     entropy_limit_bits: float = 1.0,
     keep_bias: bool = True,
+    final=_PLAN_LAST,
 ) -> RefNextToken:
-    """The lens at each prompt's next-token position; resid_next is [layers, B, d]."""
+    """The lens at each prompt's next-token position; resid_next is [layers, B, d].
+
+    The KL reference is the last layer decoded with ``final`` (the model's final norm, bias always
+    kept), or with the plan's last norm when ``final`` is not given.
+    """
     n_layers, batch = resid_next.shape[0], resid_next.shape[1]
     out = RefNextToken([], [], [], [], [], [], [], [])
-    finals = [decode(resid_next[-1, b], plan[-1], spec, k, keep_bias) for b in range(batch)]
+    if final is _PLAN_LAST:
+        finals = [decode(resid_next[-1, b], plan[-1], spec, k, keep_bias) for b in range(batch)]
+    else:
+        finals = [decode(resid_next[-1, b], final, spec, k, True) for b in range(batch)]
     for layer in range(n_layers):
         fields = [[] for _ in range(7)]
         for b in range(batch):
@@ -227,8 +241,8 @@ def next_token(
             probs = np.exp(row.logp)
             top1, p1, p2 = int(row.top_ids[0]), float(row.top_probs[0]), float(row.top_probs[1])
             ans = int(answer_ids[b])
-            shown = RefRow(row.logp, row.entropy_bits, row.top_ids[:k], row.top_probs[:k], 0.0)
-            shown.rest_mass = rest_mass(shown.top_probs)
+            ids, tp = row.top_ids[:k], row.top_probs[:k]
+            shown = RefRow(row.logp, row.entropy_bits, ids, tp, rest_mass(tp))
             values = (
                 shown,
                 answer_prob(probs, ans),
