@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from actors import ActorConfig, LensActor, ModelSource, PromptSpec, batch_prompts
 from actors.errors import LensError
 from sweep.artefacts import ModelArtefacts
+from sweep.files import write_json
+from sweep.ledger import Ledger
 from sweep.provenance import provenance
 
 
@@ -29,6 +32,19 @@ def model_source(spec: str) -> ModelSource:
     if spec.endswith(".gguf"):
         return ModelSource(gguf_path=spec)
     return ModelSource(hf=spec)
+
+
+def _record(out: Path, name: str, prompt: PromptSpec, diagnostics: dict) -> None:
+    """A ledger and resolved prompt list, so `python -m sweep.report` works on this directory."""
+    ledger = (
+        Ledger.load(out) if (out / "ledger.json").is_file() else Ledger.create(out, "sweep.one")
+    )
+    ledger.update(name, status="ok", device=diagnostics["device"], dtype=diagnostics["dtype"]["compute"],
+                  parity_max_abs=diagnostics["parity"]["max_abs_lens_minus_model_logits"])  # fmt: skip
+    write_json(
+        out / "manifest.resolved.json",
+        {"prompts": [asdict(prompt)], "sweep": {"lens": diagnostics["lens"]}},
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         sink.abort()
         raise
+    _record(args.out, name, prompt, actor.diagnostics())
+    from sweep.report import build_reports
+
+    written.update({k: p.name for k, p in build_reports(args.out).items()})
     print(f"{name}: {len(written)} artefacts in {args.out} ({time.perf_counter() - t0:.1f} s)")
     for path in sorted(written.values()):
         print(f"  {args.out / path}")

@@ -135,9 +135,7 @@ def _reports(run_dir: Path) -> None:
 
 
 def run(args: argparse.Namespace, manifest: Manifest) -> int:
-    from sweep.cluster import connect, probe_nodes
-    from sweep.execute import run_models
-    from sweep.merge import merge_run
+    from sweep.cluster import connect
 
     run_dir, ledger = _open_run(args, manifest)
     write_json(run_dir / "manifest.resolved.json", manifest.resolved())
@@ -150,6 +148,21 @@ def run(args: argparse.Namespace, manifest: Manifest) -> int:
         ledger.update(m.name, status="pending", fingerprint=fp, error=None)
         todo.append(m.name)
     ledger.data["cluster"] = connect(args.address, args.num_cpus)
+    try:
+        return _sweep(args, manifest, run_dir, ledger, todo)
+    finally:
+        import ray
+
+        ray.shutdown()  # this process connected; leave no Ray behind (a local one stops with it)
+
+
+def _sweep(
+    args: argparse.Namespace, manifest: Manifest, run_dir: Path, ledger: Ledger, todo: list[str]
+) -> int:
+    from sweep.cluster import probe_nodes
+    from sweep.execute import run_models
+    from sweep.merge import merge_run
+
     nodes = probe_nodes(args.simulate_missing_devices)
     ledger.data["nodes"] = [
         {"node_id": n.node_id, "ip": n.ip, "cpus": n.cpus, "cpu_free_bytes": n.cpu_free_bytes,

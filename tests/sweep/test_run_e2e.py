@@ -8,72 +8,18 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from sweep.run import main
-
-PROMPTS = """
-[[prompts]]
-id = "capital-de"
-text = "Give the city name only, plain text. The capital of Germany is called simply"
-answer = "Berlin"
-positions = "all"
-primary = true
-
-[[prompts]]
-id = "capital-fr"
-text = "The capital of France is"
-answer = "Paris"
-
-[[prompts]]
-id = "no-answer"
-text = "Hello there"
-"""
-
-
-def _manifest(path: Path, models: dict[str, Path]) -> Path:
-    body = '[sweep]\nname = "e2e"\nbatch_size = 2\ntop_k = 5\n'
-    for name, directory in models.items():
-        body += f'\n[[models]]\nname = "{name}"\nid = "{directory}"\n'
-    path.write_text(body + PROMPTS)
-    return path
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the module (each sweep.run reuses it), shut down at the end."""
-    import ray
-
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def broken_model(tiny_checkpoints, tmp_path_factory) -> Path:
-    """A model directory with config and tokenizer but no weights: sizes fine, fails to load."""
-    src = tiny_checkpoints["llama"]
-    broken = tmp_path_factory.mktemp("broken") / "llama-no-weights"
-    shutil.copytree(src, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    return broken
+from tests.sweep.conftest import write_manifest
 
 
 def _ledger(out: Path) -> dict:
     return json.loads((out / "run-latest" / "ledger.json").read_text())
 
 
-def test_broken_model_fails_alone_then_rerun_failed_runs_only_it(
-    ray_session, tiny_checkpoints, broken_model, tmp_path
-):
-    out = tmp_path / "results"
-    models = {
-        "tiny-llama": tiny_checkpoints["llama"],
-        "tiny-gemma2": tiny_checkpoints["gemma2"],
-        "broken": broken_model,
-    }
-    manifest = _manifest(tmp_path / "m.toml", models)
-
-    assert main([str(manifest), "--out", str(out), "--no-progress"]) == 1
-    run = out / "run-latest"
+def test_broken_model_fails_alone_and_the_others_complete(first_run):
+    out, run = first_run["out"], first_run["run"]
+    assert first_run["code"] == 1
     ledger = _ledger(out)
     assert {n: e["status"] for n, e in ledger["models"].items()} == {
         "tiny-llama": "ok",
@@ -106,14 +52,18 @@ def test_broken_model_fails_alone_then_rerun_failed_runs_only_it(
             "no-answer",
         }
     # Nothing half-written is left behind by the failed model.
-    assert not list(run.glob("*broken*"))
+    assert not list(run.glob("records-broken*")) and not list(run.glob("output-broken*"))
     assert not list(run.glob(".*"))
     summary = pq.read_table(run / "cross-model-summary.parquet").to_pylist()
     assert [r["model"] for r in summary] == ["broken", "tiny-gemma2", "tiny-llama"]
     assert summary[0]["status"] == "failed" and summary[0]["L_semantic_rel"] is None
     assert all(r["n_layers"] == 3 for r in summary[1:])
 
-    # Fix the broken model, then rerun only it, in the same run directory.
+
+def test_rerun_failed_after_fixing_runs_only_the_failed_model(
+    first_run, tiny_checkpoints, broken_model
+):
+    out, run, manifest = first_run["out"], first_run["run"], first_run["manifest"]
     ok_mtime = (run / "records-tiny-llama.parquet").stat().st_mtime_ns
     for weights in tiny_checkpoints["llama"].glob("*.safetensors"):
         shutil.copy(weights, broken_model / weights.name)
@@ -124,14 +74,13 @@ def test_broken_model_fails_alone_then_rerun_failed_runs_only_it(
     assert (run / "records-tiny-llama.parquet").stat().st_mtime_ns == ok_mtime  # not recomputed
     assert (run / "records-broken.parquet").is_file()
     assert len(pq.read_table(run / "cross-model-summary.parquet")) == 3
+    assert (run / "evaluation-broken.md").is_file()  # reports are rebuilt after the rerun
     assert [p.name for p in out.iterdir()] == ["run-latest"]  # a rerun does not rotate
 
 
-def test_same_manifest_twice_gives_identical_numeric_artefacts(
-    ray_session, tiny_checkpoints, tmp_path
-):
+def test_same_manifest_twice_gives_identical_numeric_artefacts(tiny_checkpoints, tmp_path):
     out = tmp_path / "results"
-    manifest = _manifest(tmp_path / "m.toml", {"tiny-gpt2": tiny_checkpoints["gpt2"]})
+    manifest = write_manifest(tmp_path / "m.toml", {"tiny-gpt2": tiny_checkpoints["gpt2"]})
     assert main([str(manifest), "--out", str(out), "--no-progress"]) == 0
     assert main([str(manifest), "--out", str(out), "--no-progress"]) == 0
     runs = sorted(p for p in out.iterdir())

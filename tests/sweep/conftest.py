@@ -1,0 +1,61 @@
+"""A finished sweep of tiny checkpoints (two good models, one broken), shared read-only."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sweep.run import main
+
+PROMPTS = """
+[[prompts]]
+id = "capital-de"
+text = "Give the city name only, plain text. The capital of Germany is called simply"
+answer = "Berlin"
+positions = "all"
+primary = true
+
+[[prompts]]
+id = "capital-fr"
+text = "The capital of France is"
+answer = "Paris"
+
+[[prompts]]
+id = "no-answer"
+text = "Hello there"
+"""
+
+
+def write_manifest(path: Path, models: dict[str, Path], top_k: int = 5) -> Path:
+    body = f'[sweep]\nname = "e2e"\nbatch_size = 2\ntop_k = {top_k}\n'
+    for name, directory in models.items():
+        body += f'\n[[models]]\nname = "{name}"\nid = "{directory}"\n'
+    path.write_text(body + PROMPTS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def broken_model(tiny_checkpoints, tmp_path_factory) -> Path:
+    """A model directory with config and tokenizer but no weights: it sizes fine, then fails to load."""
+    broken = tmp_path_factory.mktemp("broken") / "llama-no-weights"
+    shutil.copytree(
+        tiny_checkpoints["llama"], broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin")
+    )
+    return broken
+
+
+@pytest.fixture(scope="session")
+def first_run(tiny_checkpoints, broken_model, tmp_path_factory) -> dict:
+    """One real sweep through a local Ray. Tests that change it work on a copy."""
+    root = tmp_path_factory.mktemp("e2e")
+    models = {
+        "tiny-llama": tiny_checkpoints["llama"],
+        "tiny-gemma2": tiny_checkpoints["gemma2"],
+        "broken": broken_model,
+    }
+    manifest = write_manifest(root / "m.toml", models)
+    out = root / "results"
+    code = main([str(manifest), "--out", str(out), "--no-progress"])
+    return {"code": code, "out": out, "run": out / "run-latest", "manifest": manifest}

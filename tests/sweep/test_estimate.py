@@ -1,0 +1,247 @@
+"""The memory-fit estimator: shapes from configs and file headers, never from weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors import ModelSource
+from sweep.estimate import (
+    BYTES_PER_PARAM,
+    EstimateError,
+    ModelShape,
+    estimate_peak_bytes,
+    model_shape,
+    shape_from_config,
+)
+from tests.checkpoints import SMOLLM2_GGUF, SMOLLM2_PACKAGE
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+GPT2_SMALL = {
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "n_positions": 1024,
+    "n_ctx": 1024,
+    "vocab_size": 50257,
+}
+
+
+# ---- shapes from config dicts -----------------------------------------------------------------
+
+
+def test_llama3_8b_config() -> None:
+    s = shape_from_config(LLAMA3_8B)
+    assert s.n_params == pytest.approx(8.03e9, rel=0.03)
+    assert (s.n_layers, s.d_model, s.d_vocab, s.n_heads, s.d_mlp) == (32, 4096, 128256, 32, 14336)
+    assert s.exact_params is False
+
+
+def test_gpt2_small_config() -> None:
+    s = shape_from_config(GPT2_SMALL)
+    assert s.n_params == pytest.approx(124.44e6, rel=0.03)
+    assert (s.n_layers, s.d_model, s.d_vocab, s.d_mlp) == (12, 768, 50257, 3072)
+
+
+def test_multimodal_config_reads_its_text_config() -> None:
+    s = shape_from_config({"model_type": "gemma3", "text_config": LLAMA3_8B})
+    assert s == shape_from_config(LLAMA3_8B)
+
+
+def test_tied_embeddings_count_once() -> None:
+    untied = shape_from_config(LLAMA3_8B).n_params
+    tied = shape_from_config({**LLAMA3_8B, "tie_word_embeddings": True}).n_params
+    assert untied - tied == 128256 * 4096
+
+
+def test_config_without_a_hidden_size_is_an_estimate_error() -> None:
+    with pytest.raises(EstimateError, match="hidden_size"):
+        shape_from_config({"num_hidden_layers": 2, "vocab_size": 10})
+
+
+# ---- peak bytes -------------------------------------------------------------------------------
+
+
+def test_peak_bytes_grow_with_batch_and_sequence() -> None:
+    s = shape_from_config(LLAMA3_8B)
+    by_batch = [estimate_peak_bytes(s, "float16", b, 256) for b in (1, 2, 4, 8, 16, 32)]
+    assert by_batch == sorted(by_batch) and len(set(by_batch)) == len(by_batch)
+    by_seq = [estimate_peak_bytes(s, "float16", 4, t) for t in (16, 64, 256, 1024)]
+    assert by_seq == sorted(by_seq) and len(set(by_seq)) == len(by_seq)
+
+
+def test_peak_bytes_cover_the_weights_and_halve_them_in_half_precision() -> None:
+    s = shape_from_config(LLAMA3_8B)
+    f32, f16, bf16 = (
+        estimate_peak_bytes(s, dt, 1, 256) for dt in ("float32", "float16", "bfloat16")
+    )
+    assert f16 == bf16
+    assert f32 > s.n_params * 4 and f16 > s.n_params * 2
+    # Weights are most of an 8B model's peak at batch 1: float16 needs a little over half.
+    assert 0.5 < f16 / f32 < 0.6
+    assert f32 - f16 >= s.n_params * (BYTES_PER_PARAM["float32"] - BYTES_PER_PARAM["float16"])
+
+
+# ---- shapes from local directories and files --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int]]:
+    """Tiny random Llamas saved with save_pretrained: {variant: (directory, sum of numel)}."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    made = {}
+    for variant, tied, shard in (
+        ("untied", False, None),
+        ("tied", True, None),
+        ("sharded", False, "100KB"),
+    ):
+        torch.manual_seed(316)
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=500,
+            tie_word_embeddings=tied,
+        )
+        model = LlamaForCausalLM(config)
+        target = tmp_path_factory.mktemp(variant)
+        kwargs = {"max_shard_size": shard} if shard else {}
+        model.save_pretrained(target, safe_serialization=True, **kwargs)
+        made[variant] = (target, sum(p.numel() for p in model.parameters()))
+    return made
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "sharded"])
+def test_local_directory_counts_safetensors_params_exactly(
+    tiny_llama_dirs: dict[str, tuple[Path, int]], variant: str
+) -> None:
+    directory, n_params = tiny_llama_dirs[variant]
+    if variant == "sharded":
+        assert len(list(directory.glob("*.safetensors"))) > 1
+    s = model_shape(ModelSource(hf=str(directory)))
+    assert s.exact_params and s.n_params == n_params
+    assert (s.n_layers, s.d_model, s.d_vocab, s.n_heads, s.d_mlp) == (2, 64, 500, 4, 96)
+    # The config-only derivation agrees to within the norm weights it over-counts.
+    derived = shape_from_config(json.loads((directory / "config.json").read_text()))
+    assert derived.n_params == pytest.approx(n_params, rel=0.01)
+
+
+def test_a_second_copy_of_the_weights_is_not_counted(
+    tiny_llama_dirs: dict[str, tuple[Path, int]], tmp_path: Path
+) -> None:
+    # Regression: Mistral repositories ship consolidated.safetensors beside the HF checkpoint;
+    # counting every *.safetensors doubled the estimate.
+    for variant in ("untied", "sharded"):
+        source, n_params = tiny_llama_dirs[variant]
+        directory = tmp_path / variant
+        shutil.copytree(source, directory)
+        shutil.copy(next(directory.glob("*.safetensors")), directory / "consolidated.safetensors")
+        assert model_shape(ModelSource(hf=str(directory))).n_params == n_params
+
+
+def test_packaged_smollm2_gguf(tmp_path: Path) -> None:
+    source = ModelSource(gguf_package=SMOLLM2_PACKAGE, gguf_file=SMOLLM2_GGUF)
+    s = model_shape(source, cache_dir=tmp_path)
+    assert (s.n_layers, s.d_model, s.d_vocab, s.n_heads, s.d_mlp) == (30, 576, 49152, 9, 1536)
+    assert s.n_params == pytest.approx(134.5e6, rel=0.005)
+    assert s.n_params == 134_515_008  # gguf's GGUFReader counts the same
+    assert s.exact_params
+
+
+def test_gguf_header_written_by_gguf_writer(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(3)
+    w.add_embedding_length(8)
+    w.add_head_count(2)
+    w.add_feed_forward_length(24)
+    w.add_context_length(128)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"tok{i}" for i in range(40)])
+    w.add_token_scores([0.5] * 40)
+    w.add_token_merges(["t o", "o k"])
+    w.add_array("test.nested", [[1, 2], [3]])
+    shapes = {
+        "token_embd.weight": (40, 8),
+        "blk.0.attn_q.weight": (8, 8),
+        "output_norm.weight": (8,),
+    }
+    for name, shape in shapes.items():
+        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    s = model_shape(ModelSource(gguf_path=str(path)))
+    assert s == ModelShape(40 * 8 + 64 + 8, 3, 8, 40, 2, 24, exact_params=True)
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+def test_directory_without_config_json(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(EstimateError, match=r"has no config\.json"):
+        model_shape(ModelSource(hf=str(tmp_path)))
+
+
+def test_hub_id_while_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import; it may be imported already.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(EstimateError, match="from the hub") as info:
+        model_shape(ModelSource(hf="lens-sweep-tests/no-such-model"))
+    assert "lens-sweep-tests/no-such-model" in str(info.value)
+
+
+def test_packaged_gguf_whose_package_is_missing(tmp_path: Path) -> None:
+    source = ModelSource(gguf_package="lens_sweep_no_such_package", gguf_file="x.gguf")
+    with pytest.raises(EstimateError, match="not installed"):
+        model_shape(source, cache_dir=tmp_path)
+
+
+def test_file_that_is_not_a_gguf(tmp_path: Path) -> None:
+    path = tmp_path / "fake.gguf"
+    path.write_bytes(b"PK\x03\x04 not a gguf at all")
+    with pytest.raises(EstimateError, match=r"fake\.gguf.*GGUF"):
+        model_shape(ModelSource(gguf_path=str(path)))
+
+
+def test_truncated_gguf(tmp_path: Path) -> None:
+    from tests.checkpoints import smollm2_gguf_path
+
+    path = tmp_path / "cut.gguf"
+    with open(smollm2_gguf_path(), "rb") as f:
+        path.write_bytes(f.read(4096))  # ends inside the token list
+    with pytest.raises(EstimateError, match="could not read the shape"):
+        model_shape(ModelSource(gguf_path=str(path)))
