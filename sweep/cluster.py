@@ -30,7 +30,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        # A job's own runtime env (ray job submit) applies; adding env_vars here would conflict.
+        ray.init(address=address, log_to_driver=False)
         return {"address": address, "local": False}
     resources = {"mps": 1} if _local_has_mps() else None
     ray.init(

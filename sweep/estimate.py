@@ -62,7 +62,8 @@ def shape_from_config(cfg: dict[str, Any], n_params: int | None = None) -> Model
         gated = cfg.get("model_type") != "gpt2"
         attn = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
         mlp = (3 if gated else 2) * d * d_mlp
-        tied = bool(cfg.get("tie_word_embeddings", True))
+        # Absent key: GPT-2 ties; otherwise assume untied, the larger (safer) estimate.
+        tied = bool(cfg.get("tie_word_embeddings", cfg.get("model_type") == "gpt2"))
         n_pos = int(cfg.get("n_positions", 0)) if cfg.get("model_type") == "gpt2" else 0
         n_params = n_layers * (attn + mlp + 4 * d) + vocab * d * (1 if tied else 2) + n_pos * d + d
     return ModelShape(n_params, n_layers, d, vocab, heads, d_mlp, exact)

@@ -6,6 +6,7 @@ Ray resource requests plus node affinity, so Ray itself does the scheduling.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ class Placement:
     est_bytes: int | None = None
     simulated: bool = False
     reason: str = ""
+    gpu_share: float = 1.0  # fraction of one GPU (its memory) this model needs, for Ray
 
     def ray_options(self) -> dict[str, Any]:
         """Ray actor options: the resource that holds the device, pinned to the planned node."""
@@ -58,7 +60,9 @@ class Placement:
             "scheduling_strategy": NodeAffinitySchedulingStrategy(self.node_id, soft=False),
         }
         if self.device_kind == "cuda":
-            opts["num_gpus"] = 1
+            # A fractional GPU lets Ray co-locate models whose memory fits together, as the
+            # planner assumed; num_gpus=1 would serialise them.
+            opts["num_gpus"] = self.gpu_share
         elif self.device_kind == "mps":
             opts["resources"] = {"mps": 1}
         elif self.est_bytes:
@@ -82,6 +86,13 @@ def _uses_ram(node: NodeInfo, kind: str) -> bool:
     return kind in ("cpu", "mps") or kind in node.simulated
 
 
+def _share(need: int, capacity: int) -> float:
+    """need / capacity rounded up to a hundredth, in [0.01, 1]."""
+    if capacity <= 0:
+        return 1.0
+    return min(1.0, max(0.01, math.ceil(100 * need / capacity) / 100))
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -90,6 +101,9 @@ def plan(demands: list[ModelDemand], nodes: list[NodeInfo]) -> list[Placement]:
     """Assign models in order; each takes memory from the slot it lands on (actors run at once)."""
     free = _Free()
     by_node = {n.node_id: n for n in nodes}
+    gpu_capacity = {
+        (n.node_id, "cuda", i): b for n in nodes for i, b in enumerate(n.gpu_free_bytes)
+    }
     for n in sorted(nodes, key=lambda n: n.node_id):
         for i, b in enumerate(n.gpu_free_bytes):
             free.slots[(n.node_id, "cuda", i)] = b
@@ -124,6 +138,7 @@ def plan(demands: list[ModelDemand], nodes: list[NodeInfo]) -> list[Placement]:
                     need,
                     simulated=kind in node.simulated,
                     reason=f"{kind} on {node.ip}: needs ~{_gib(need)} of {_gib(before)} free",
+                    gpu_share=_share(need, gpu_capacity.get(key, 0)) if kind == "cuda" else 1.0,
                 )
                 break
         if chosen is None:

@@ -61,15 +61,24 @@ def _rotate(root: Path) -> Path:
     return latest
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an unusable results root before anything is connected, rotated or written."""
+    if args.out.exists() and not args.out.is_dir():
+        raise RunDirError(f"{args.out}: --out must be a directory, and this is a file")
+    if args.rerun_failed and not (args.out / LATEST / "ledger.json").is_file():
+        raise RunDirError(
+            f"{args.out / LATEST}: no ledger.json to rerun from; run without --rerun-failed first"
+        )
+
+
 def _open_run(args: argparse.Namespace, manifest: Manifest) -> tuple[Path, Ledger]:
     if not args.rerun_failed:
-        run_dir = _rotate(args.out)
+        try:
+            run_dir = _rotate(args.out)
+        except OSError as exc:
+            raise RunDirError(f"{args.out}: cannot create the run directory: {exc}") from None
         return run_dir, Ledger.create(run_dir, str(manifest.path))
     run_dir = args.out / LATEST
-    if not (run_dir / "ledger.json").is_file():
-        raise RunDirError(
-            f"{run_dir}: no ledger.json to rerun from; run without --rerun-failed first"
-        )
     ledger = Ledger.load(run_dir)
     ledger.data["runs"] = ledger.data.get("runs", 1) + 1
     ledger.save()
@@ -137,18 +146,22 @@ def _reports(run_dir: Path) -> None:
 def run(args: argparse.Namespace, manifest: Manifest) -> int:
     from sweep.cluster import connect
 
-    run_dir, ledger = _open_run(args, manifest)
-    write_json(run_dir / "manifest.resolved.json", manifest.resolved())
-    write_json(run_dir / "provenance.json", provenance(manifest.options.seed))
-    todo = []
-    for m in manifest.models:
-        fp = manifest.fingerprint(m)
-        if ledger.is_done(m.name, fp):
-            continue
-        ledger.update(m.name, status="pending", fingerprint=fp, error=None)
-        todo.append(m.name)
-    ledger.data["cluster"] = connect(args.address, args.num_cpus)
+    _check_out(args)
+    # Connect before touching the results root, so a cluster that cannot be reached leaves the
+    # previous run-latest where it was.
+    cluster = connect(args.address, args.num_cpus)
     try:
+        run_dir, ledger = _open_run(args, manifest)
+        ledger.data["cluster"] = cluster
+        write_json(run_dir / "manifest.resolved.json", manifest.resolved())
+        write_json(run_dir / "provenance.json", provenance(manifest.options.seed))
+        todo = []
+        for m in manifest.models:
+            fp = manifest.fingerprint(m)
+            if ledger.is_done(m.name, fp):
+                continue
+            ledger.update(m.name, status="pending", fingerprint=fp, error=None)
+            todo.append(m.name)
         return _sweep(args, manifest, run_dir, ledger, todo)
     finally:
         import ray
@@ -229,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, manifest)
     except RunDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:
+        print(
+            f"error: could not connect to Ray ({args.address or 'RAY_ADDRESS'}): {exc}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished models are kept; resume with --rerun-failed", file=sys.stderr)

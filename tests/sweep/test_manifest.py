@@ -338,3 +338,15 @@ def test_rerun_failed_without_a_previous_run(
         assert _snapshot(out) == before
     else:
         assert not out.exists()
+
+
+def test_out_that_is_a_file_is_one_line_and_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = _write(tmp_path / "ok.toml", VALID)
+    out = _write(tmp_path / "results", "not a directory\n")
+    capsys.readouterr()
+    assert main([str(manifest), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "must be a directory" in err
+    assert out.read_text() == "not a directory\n"

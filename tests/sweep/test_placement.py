@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from sweep.placement import DEFAULT_DTYPE, ModelDemand, NodeInfo, Placement, plan
@@ -175,7 +177,9 @@ def test_ray_options_per_kind() -> None:
         assert isinstance(strategy, NodeAffinitySchedulingStrategy)
         assert strategy.node_id == p.node_id and strategy.soft is False
     o = cuda.ray_options()
-    assert o["num_gpus"] == 1 and "resources" not in o and "memory" not in o
+    # A fraction of the GPU in proportion to its memory, so Ray co-locates what fits together.
+    assert o["num_gpus"] == math.ceil(100 * cuda.est_bytes / (80 * GIB)) / 100
+    assert "resources" not in o and "memory" not in o
     o = mps.ray_options()
     assert o["resources"] == {"mps": 1} and "num_gpus" not in o and "memory" not in o
     o = cpu.ray_options()
@@ -199,3 +203,10 @@ def test_simulated_flag(kind: str) -> None:
     assert (p.device_kind, p.simulated) == (kind, True)
     (real,) = plan([demand("m", 1)], [gpu_node("g", 80)])
     assert real.simulated is False
+
+
+def test_models_sharing_a_gpu_ask_ray_for_fractions_that_fit_together() -> None:
+    placed = plan([demand("a", 30), demand("b", 30)], [gpu_node("4d" * 28, 80, ram_gib=8)])
+    assert [p.device_kind for p in placed] == ["cuda", "cuda"]
+    shares = [p.ray_options()["num_gpus"] for p in placed]
+    assert all(0 < s < 1 for s in shares) and sum(shares) <= 1.0
