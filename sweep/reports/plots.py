@@ -3,6 +3,7 @@ predictable: size_px = figsize_in * DPI."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -27,10 +28,25 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+@functools.cache
+def _font_chars() -> frozenset[int]:
+    """Code points the default matplotlib font can draw (others would print as empty boxes)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    path = font_manager.findfont(
+        font_manager.FontProperties(family=matplotlib.rcParams["font.family"])
+    )
+    return frozenset(FT2Font(path).get_charmap())
+
+
 def token_label(text: str | None) -> str:
-    """A token as a short, visible label: whitespace made visible, long ones cut with an ellipsis."""
+    """A token as a short, visible label: whitespace made visible, characters the font lacks as
+    U+XXXX, long labels cut with an ellipsis."""
     if text is None:
         return ""
+    drawable = _font_chars()
+    text = "".join(c if ord(c) in drawable or c in "\n\t " else f"U+{ord(c):04X}" for c in text)
     shown = text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u00b7")
     shown = shown.replace("$", r"\$")  # matplotlib would read $...$ as maths
     return shown if len(shown) <= MAX_TOKEN_CHARS else shown[: MAX_TOKEN_CHARS - 1] + "\u2026"
