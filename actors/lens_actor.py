@@ -21,12 +21,13 @@ from actors.architectures import (
     norm_spec,
     softcap_of,
 )
+from actors.config import ActorConfig
 from actors.errors import DeviceUnavailable, ParityError
 from actors.prompts import PromptSpec, TokenisedBatch, bos_policy, tokenise
 from actors.records import TokenTexts, records_batch, summary_batch
-from actors.runtime import DEFAULT_SEED, check_device, set_determinism
+from actors.runtime import check_device, set_determinism
 from actors.schema import SCHEMA_VERSION
-from actors.sources import DEFAULT_CACHE_DIR, ModelSource, architecture_of, load_hf, locate
+from actors.sources import architecture_of, load_hf, locate
 from lens_kernel import (
     CollapseRule,
     LensInputs,
@@ -39,30 +40,6 @@ from lens_kernel import (
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PARITY_ATOL = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
-
-
-@dataclass(frozen=True)
-class ActorConfig:
-    """Everything one lens actor needs; built by the driver from the manifest."""
-
-    name: str
-    source: ModelSource
-    device: str = "cpu"
-    dtype: str | None = None  # None: the seed's policy for the device and family
-    seed: int = DEFAULT_SEED
-    lens: str = "final"
-    keep_layernorm_bias: bool = True
-    top_k: int = 20
-    copy_threshold: float = 0.90
-    copy_margin: float = 0.05
-    temperatures: tuple[float, ...] = (0.1, 2.0)
-    prepend_bos: bool = True
-    keep_residuals: bool = False
-    chunk_bytes: int = 512 * 2**20
-    cache_dir: str = str(DEFAULT_CACHE_DIR)
-    # Runs on the CPU when the placed device is absent, and says so in the diagnostics; for
-    # testing placement on machines without the hardware. Off by default.
-    simulate_missing_device: bool = False
 
 
 @dataclass

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Positions = Literal["all", "next"]
 
@@ -75,6 +76,8 @@ def tokenise(
     tokenizer: Any, prompts: list[PromptSpec], bos_id: int | None, pad_id: int, max_tokens: int
 ) -> TokenisedBatch:
     """Tokenise each prompt exactly as written (no stripping), prepend BOS, right-pad."""
+    import torch
+
     rows: list[list[int]] = []
     answers: list[int] = []
     for p in prompts:

@@ -7,9 +7,8 @@ import random
 
 import torch
 
+from actors.config import DEFAULT_SEED
 from actors.errors import DeviceUnavailable
-
-DEFAULT_SEED = 316
 
 
 def set_determinism(seed: int = DEFAULT_SEED) -> None:

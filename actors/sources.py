@@ -10,15 +10,16 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from actors.errors import ModelSourceError
+from actors.gguf_header import read_gguf_header
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded, not by planners
+    import torch
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("LENS_SWEEP_CACHE", Path.home() / ".cache" / "lens-sweep"))
 
@@ -111,54 +112,16 @@ def sha256_of(path: Path, chunk: int = 2**22) -> str:
 
 
 def gguf_file_type(path: Path) -> str:
-    """The GGUF's quantisation type as named by llama.cpp (e.g. 'MOSTLY_Q4_1'), from its header.
+    """The GGUF's quantisation type as named by llama.cpp (e.g. 'MOSTLY_Q4_1'), from its header."""
+    from gguf.constants import LlamaFileType
 
-    Reads the key-value header only as far as ``general.file_type``: GGUFReader parses every
-    field, the tokenizer's vocabulary included, which took 7 s (SmolLM2) to 23 s (Gemma 3) on
-    every load, cache hits too.
-    """
-    from gguf.constants import GGUFValueType, LlamaFileType
-
-    scalar = {
-        GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
-        GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
-        GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
-        GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
-    }  # fmt: skip
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelSourceError(f"{path} is not a GGUF file (bad magic)")
-        raw_version = f.read(4)
-        order = "<" if struct.unpack("<I", raw_version)[0] & 0xFFFF else ">"
-
-        def read(fmt: str) -> Any:
-            return struct.unpack(order + fmt, f.read(struct.calcsize("<" + fmt)))[0]
-
-        def skip(vtype: int) -> None:
-            if vtype == GGUFValueType.STRING:
-                f.seek(read("Q"), os.SEEK_CUR)
-            elif vtype == GGUFValueType.ARRAY:
-                item, count = read("I"), read("Q")
-                if item in scalar:
-                    f.seek(count * struct.calcsize("<" + scalar[item]), os.SEEK_CUR)
-                else:
-                    for _ in range(count):
-                        skip(item)
-            else:
-                f.seek(struct.calcsize("<" + scalar[vtype]), os.SEEK_CUR)
-
-        read("Q")  # tensor count
-        for _ in range(read("Q")):
-            key = f.read(read("Q"))
-            vtype = read("I")
-            if key == b"general.file_type" and vtype in scalar:
-                value = int(read(scalar[vtype]))
-                try:
-                    return LlamaFileType(value).name
-                except ValueError:
-                    return f"type {value}"
-            skip(vtype)
-    return "unknown"
+    value = read_gguf_header(path)[0].get("general.file_type")
+    if value is None:
+        return "unknown"
+    try:
+        return LlamaFileType(int(value)).name
+    except ValueError:
+        return f"type {value}"
 
 
 def convert_gguf(path: Path, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -177,6 +140,8 @@ def convert_gguf(path: Path, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": path.name}
+    import torch
+
     hf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     # A GGUF-loaded model refuses save_pretrained; a fresh model from the same config (minus

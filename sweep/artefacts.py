@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import pyarrow.parquet as pq
 
-from actors.lens_actor import BatchResult
 from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA, SCHEMA_VERSION, check_batch
 from sweep.files import write_atomic, write_bytes, write_json
+
+if TYPE_CHECKING:
+    from actors.lens_actor import BatchResult
 
 
 def artefact_paths(run_dir: Path, name: str) -> dict[str, Path]:

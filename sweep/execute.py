@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors import ActorConfig, LensActor, PromptSpec, batch_prompts
+from actors.config import ActorConfig
+from actors.prompts import PromptSpec, batch_prompts
 from sweep.artefacts import ModelArtefacts
 from sweep.ledger import Ledger
 
@@ -61,6 +62,8 @@ def run_models(
     """Run every model to completion or failure; the ledger records each outcome as it happens."""
     import ray
     from tqdm import tqdm
+
+    from actors.lens_actor import LensActor
 
     remote_cls = ray.remote(max_restarts=0)(LensActor)
     batches = batch_prompts(prompts, batch_size)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from actors import ActorConfig
+from actors.config import ActorConfig
 from actors.sources import DEFAULT_CACHE_DIR
 from sweep.errors import ManifestError, RunDirError
 from sweep.estimate import BYTES_PER_PARAM, EstimateError, estimate_peak_bytes, model_shape

@@ -1,0 +1,33 @@
+"""What one lens actor is asked to do; torch-free, so a CPU-only head node can build it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.sources import DEFAULT_CACHE_DIR, ModelSource
+
+DEFAULT_SEED = 316
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """Everything one lens actor needs; built by the driver from the manifest."""
+
+    name: str
+    source: ModelSource
+    device: str = "cpu"
+    dtype: str | None = None  # None: the seed's policy for the device and family
+    seed: int = DEFAULT_SEED
+    lens: str = "final"
+    keep_layernorm_bias: bool = True
+    top_k: int = 20
+    copy_threshold: float = 0.90
+    copy_margin: float = 0.05
+    temperatures: tuple[float, ...] = (0.1, 2.0)
+    prepend_bos: bool = True
+    keep_residuals: bool = False
+    chunk_bytes: int = 512 * 2**20
+    cache_dir: str = str(DEFAULT_CACHE_DIR)
+    # Runs on the CPU when the placed device is absent, and says so in the diagnostics; for
+    # testing placement on machines without the hardware. Off by default.
+    simulate_missing_device: bool = False
