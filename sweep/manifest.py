@@ -9,13 +9,15 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from actors import ModelSource, PromptSpec
+from actors.config import ActorConfig
+from actors.prompts import PromptSpec
+from actors.sources import ModelSource
 from sweep.errors import ManifestError
 
 LENS_MODES = ("final", "next_ln1", "raw")
@@ -23,21 +25,24 @@ DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cuda", "mps", "cpu")
 
 
+_LENS_DEFAULTS = {f.name: f.default for f in fields(ActorConfig)}
+
+
 @dataclass(frozen=True)
 class SweepOptions:
-    """The [sweep] table. Defaults live here and nowhere else."""
+    """The [sweep] table. Lens defaults are ActorConfig's (one place); the rest live here."""
 
     name: str = "sweep"
-    lens: str = "final"
-    seed: int = 316
-    top_k: int = 20
-    copy_threshold: float = 0.90
-    copy_margin: float = 0.05
+    lens: str = _LENS_DEFAULTS["lens"]
+    seed: int = _LENS_DEFAULTS["seed"]
+    top_k: int = _LENS_DEFAULTS["top_k"]
+    copy_threshold: float = _LENS_DEFAULTS["copy_threshold"]
+    copy_margin: float = _LENS_DEFAULTS["copy_margin"]
     batch_size: int = 16
-    temperatures: tuple[float, ...] = (0.1, 2.0)
-    prepend_bos: bool = True
-    keep_layernorm_bias: bool = True
-    keep_residuals: bool = False
+    temperatures: tuple[float, ...] = _LENS_DEFAULTS["temperatures"]
+    prepend_bos: bool = _LENS_DEFAULTS["prepend_bos"]
+    keep_layernorm_bias: bool = _LENS_DEFAULTS["keep_layernorm_bias"]
+    keep_residuals: bool = _LENS_DEFAULTS["keep_residuals"]
     max_seq_len: int = 256  # for memory estimates only; prompts are never cut
 
 
