@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from lens_kernel.collapse import CollapseRule, PromptCollapse, collapse_layers
-from lens_kernel.metrics import NextTokenStats, RowStats, next_token_stats, row_stats
+from lens_kernel.metrics import (
+    NextTokenStats,
+    RowStats,
+    log_prob_stats,
+    next_token_stats,
+    row_stats,
+)
 from lens_kernel.norms import NormSpec, apply_norm
 
 DEFAULT_CHUNK_BYTES = 512 * 2**20
@@ -29,12 +35,15 @@ class UnembedSpec:
     def d_vocab(self) -> int:
         return int(self.W_U.shape[1])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        logits = x.float() @ self.W_U
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for rows x [..., d_model]; ``out`` is an optional float32 buffer to write into."""
+        # In place after the matmul: the same kernels and operand order, without new [rows, V]
+        # tensors (inference only: autograd cannot differentiate through tanh_ then mul_).
+        logits = torch.matmul(x.float(), self.W_U, out=out)
         if self.b_U is not None:
-            logits = logits + self.b_U
+            logits.add_(self.b_U)
         if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
 
@@ -44,10 +53,12 @@ def decode_rows(
     norm_plan: list[NormSpec | None],
     unembed: UnembedSpec,
     keep_bias: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Lens logits [n, V] for residual rows [n, d_model]; row r uses norm_plan[layer_of_row[r]].
 
-    Norms are applied per distinct spec (one call per group, not per row); one unembed matmul.
+    Norms are applied per distinct spec (one call per group, not per row); one unembed matmul,
+    written into ``out`` [n, V] float32 when given.
     """
     resid = resid.float()
     groups: dict[int, list[int]] = {}
@@ -67,7 +78,7 @@ def decode_rows(
             rows = (row_group == g).nonzero(as_tuple=True)[0]
             if rows.numel():
                 normed[rows] = apply_norm(resid[rows], specs[key], keep_bias)
-    return unembed(normed)
+    return unembed(normed, out=out)
 
 
 @dataclass
@@ -162,9 +173,10 @@ def lens_pass(
         logits = decode_rows(
             resid.reshape(-1, resid.shape[-1]), flat_layers, norm_plan, unembed, keep_bias
         )
+        logits = logits.view(n_rows_layers, b1 - b0, -1)
         parts.append(
             next_token_stats(
-                logits.view(n_rows_layers, b1 - b0, -1),
+                logits,
                 final_log_probs[b0:b1],
                 inputs.answer_ids[b0:b1],
                 inputs.prompt_ids[b0:b1],
@@ -172,6 +184,7 @@ def lens_pass(
                 rule.copy_threshold,
                 rule.copy_margin,
                 rule.entropy_collapse_bits,
+                scratch=logits,  # spent once log-softmaxed: no new [layers, nb, V] buffers
             )
         )
     nxt = _cat_next(parts)
@@ -196,12 +209,22 @@ def lens_pass(
     row_pos = t_idx[starts[row_b] + offset % counts[row_b]]
 
     per_chunk = _rows_per_chunk(unembed.d_vocab, chunk_bytes)
+    # The first (largest) chunk's logits and log-probs are reused as buffers by every later
+    # chunk: on the CPU a fresh [rows, V] tensor is page-faulted in, which costs about as much
+    # as the matmul that fills it. (Not torch.empty: deterministic mode NaN-fills it.)
+    bufs: tuple[torch.Tensor, torch.Tensor] | None = None
     chunks: list[RowStats] = []
     for r0 in range(0, row_b.numel(), per_chunk):
         sl = slice(r0, r0 + per_chunk)
         resid = inputs.resid_all[row_layer[sl], row_b[sl], row_pos[sl]]  # [rows, d]
-        logits = decode_rows(resid, row_layer[sl], norm_plan, unembed, keep_bias)
-        chunks.append(row_stats(logits, top_k))
+        n = resid.shape[0]
+        out_logits, out_log_probs = (None, None) if bufs is None else (bufs[0][:n], bufs[1][:n])
+        logits = decode_rows(resid, row_layer[sl], norm_plan, unembed, keep_bias, out=out_logits)
+        log_probs = torch.log_softmax(logits, dim=-1, out=out_log_probs)
+        # The logits are spent: the entropy's p log p terms overwrite them.
+        chunks.append(log_prob_stats(log_probs, top_k, scratch=logits))
+        if bufs is None:
+            bufs = (logits, log_probs)
     if not chunks:  # no position requested: empty [0] / [0, k] results rather than a crash
         chunks.append(row_stats(torch.empty(0, unembed.d_vocab, device=device), top_k))
     out.all_rows = _cat_rows(chunks)

@@ -13,18 +13,28 @@ import torch
 LN2 = math.log(2.0)
 
 
-def entropy_bits(log_probs: torch.Tensor) -> torch.Tensor:
-    """H(p) = -sum_v p_v log2 p_v over the last dim; range [0, log2 V] bits."""
-    probs = log_probs.exp()
-    # xlogy-style: a zero-probability token contributes 0, not 0 * -inf = nan.
-    terms = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
-    return -terms.sum(dim=-1) / LN2
+def entropy_bits(log_probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """H(p) = -sum_v p_v log2 p_v over the last dim; range [0, log2 V] bits.
+
+    ``out``: an optional buffer shaped like ``log_probs`` for the p log p terms (overwritten).
+    """
+    # xlogy-style: a zero-probability token contributes 0, not 0 * -inf = nan. p * log p is nan
+    # only where p is 0 or nan, so nansum gives the same sum as masking p > 0, in one buffer and
+    # three passes instead of five buffers (the lens's costliest step on a [rows, vocab] chunk).
+    return -torch.exp(log_probs, out=out).mul_(log_probs).nansum(dim=-1) / LN2
 
 
-def kl_bits(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p_v (log2 p_v - log2 q_v) over the last dim; range [0, inf) bits."""
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+def kl_bits(
+    log_p: torch.Tensor, log_q: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(p || q) = sum_v p_v (log2 p_v - log2 q_v) over the last dim; range [0, inf) bits.
+
+    ``out``: an optional buffer shaped like ``log_p`` to hold p (overwritten).
+    """
+    p = torch.exp(log_p, out=out)
+    # A term is 0 where p is 0 (or nan), not 0 * inf = nan; in place, the same values as
+    # torch.where(p > 0, p * (log_p - log_q), 0) with fewer [.., V] buffers.
+    terms = (log_p - log_q).mul_(p).masked_fill_(~(p > 0), 0.0)
     return (terms.sum(dim=-1) / LN2).clamp_min(0.0)
 
 
@@ -40,11 +50,21 @@ class RowStats:
 
 def row_stats(logits: torch.Tensor, top_k: int) -> RowStats:
     """Entropy, top-k and rest mass of softmax(logits) for each row of [n, V] logits."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return log_prob_stats(torch.log_softmax(logits.float(), dim=-1), top_k)
+
+
+def log_prob_stats(
+    log_probs: torch.Tensor, top_k: int, scratch: torch.Tensor | None = None
+) -> RowStats:
+    """``row_stats`` from log-probabilities [n, V] (log_softmax already applied).
+
+    ``scratch``: an optional buffer shaped like ``log_probs``, overwritten (the lens passes
+    its spent logits, so that a chunk needs no new [rows, V] tensor).
+    """
     top_logp, top_ids = torch.topk(log_probs, k=top_k, dim=-1, sorted=True)
     top_probs = top_logp.exp()
     rest = (1.0 - top_probs.sum(dim=-1)).clamp(0.0, 1.0)
-    return RowStats(entropy_bits(log_probs), top_ids, top_probs, rest)
+    return RowStats(entropy_bits(log_probs, out=scratch), top_ids, top_probs, rest)
 
 
 @dataclass
@@ -69,19 +89,22 @@ def next_token_stats(
     copy_threshold: float,
     copy_margin: float,
     entropy_collapse_bits: float = 1.0,
+    scratch: torch.Tensor | None = None,
 ) -> NextTokenStats:
     """Metrics for logits [layers, B, V] at each prompt's next-token position.
 
     final_log_probs [B, V]: the reference distribution for KL (the model's own output).
     answer_ids [B]: gold first-token id, -1 for none. prompt_ids [B, T]: prompt ids, -1 padded.
     copy_collapse: top-1 id occurs in the prompt, p1 > copy_threshold and p1 - p2 > copy_margin.
+    scratch: an optional float32 buffer shaped like ``logits``, overwritten (may be ``logits``
+    itself when the caller is done with them).
     """
     n_layers, batch, _ = logits.shape
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # [layers, B, V]
     k = max(top_k, 2)
     top_logp, top_ids = torch.topk(log_probs, k=k, dim=-1, sorted=True)
     top_probs = top_logp.exp()
-    ent = entropy_bits(log_probs)
+    ent = entropy_bits(log_probs, out=scratch)
     rest = (1.0 - top_probs[..., :top_k].sum(dim=-1)).clamp(0.0, 1.0)
     rows = RowStats(ent, top_ids[..., :top_k], top_probs[..., :top_k], rest)
 
@@ -93,7 +116,7 @@ def next_token_stats(
     answer_prob = torch.where(has_answer, answer_logp.exp(), torch.full_like(answer_logp, math.nan))
     answer_rank = torch.where(has_answer, answer_rank, torch.full_like(answer_rank, -1))
 
-    kl = kl_bits(log_probs, final_log_probs.float().unsqueeze(0))
+    kl = kl_bits(log_probs, final_log_probs.float().unsqueeze(0), out=scratch)
 
     top1 = top_ids[..., 0]  # [layers, B]
     p1, p2 = top_probs[..., 0], top_probs[..., 1]
