@@ -122,7 +122,8 @@ class LensActor:
         bias = getattr(unembed, "bias", None)
         self.unembed = UnembedSpec(
             W_U=unembed.weight.detach().float().T.contiguous(),
-            b_U=None if bias is None else bias.detach().float(),
+            # TransformerBridge gives lm_head an all-zero bias; skipping it saves a [rows, V] pass.
+            b_U=None if bias is None or not bool(bias.any()) else bias.detach().float(),
             softcap=softcap_of(self.hf_config, self.facts),
         )
         self.rule = CollapseRule(config.copy_threshold, config.copy_margin)
