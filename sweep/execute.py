@@ -11,7 +11,7 @@ from typing import Any
 from actors.config import ActorConfig
 from actors.prompts import PromptSpec, batch_prompts
 from sweep.artefacts import ModelArtefacts
-from sweep.ledger import Ledger
+from sweep.ledger import Ledger, now
 
 MAX_IN_FLIGHT = 2  # batches queued per actor: keeps it busy without piling results up
 
@@ -97,7 +97,7 @@ def run_models(
         ray.kill(job.actor)
         jobs.pop(job.name, None)
         wall = time.perf_counter() - job.started
-        ledger.update(job.name, status=status, finished_at=_now(), wall_s=round(wall, 3), **fields)
+        ledger.update(job.name, status=status, finished_at=now(), wall_s=round(wall, 3), **fields)
         failed += status != "ok"
         models_bar.update(1)
         models_bar.set_postfix(failed=failed)
@@ -107,7 +107,7 @@ def run_models(
         actor = remote_cls.options(**options[cfg.name]).remote(cfg)
         job = _Job(cfg.name, actor, batches, ModelArtefacts(run_dir, cfg.name))
         jobs[cfg.name] = job
-        ledger.update(cfg.name, status="running", started_at=_now(), error=None)
+        ledger.update(cfg.name, status="running", started_at=now(), error=None)
         submit(job)
     try:
         while pending:
@@ -158,9 +158,3 @@ def run_models(
     finally:
         models_bar.close()
         batch_bar.close()
-
-
-def _now() -> str:
-    from sweep.ledger import now
-
-    return now()

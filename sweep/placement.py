@@ -7,7 +7,7 @@ Ray resource requests plus node affinity, so Ray itself does the scheduling.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 DEVICE_ORDER = ("cuda", "mps", "cpu")
@@ -75,11 +75,8 @@ class Placement:
         return "cuda:0" if self.device_kind == "cuda" else str(self.device_kind)
 
 
-@dataclass
-class _Free:
-    """Remaining free memory per (node, kind[, gpu index]) while planning."""
-
-    slots: dict[tuple[str, str, int], int] = field(default_factory=dict)
+# Remaining free bytes per (node id, device kind, GPU index or 0) while planning.
+_Slots = dict[tuple[str, str, int], int]
 
 
 def _uses_ram(node: NodeInfo, kind: str) -> bool:
@@ -99,35 +96,35 @@ def _gib(n: int) -> str:
 
 def plan(demands: list[ModelDemand], nodes: list[NodeInfo]) -> list[Placement]:
     """Assign models in order; each takes memory from the slot it lands on (actors run at once)."""
-    free = _Free()
+    free: _Slots = {}
     by_node = {n.node_id: n for n in nodes}
     gpu_capacity = {
         (n.node_id, "cuda", i): b for n in nodes for i, b in enumerate(n.gpu_free_bytes)
     }
     for n in sorted(nodes, key=lambda n: n.node_id):
         for i, b in enumerate(n.gpu_free_bytes):
-            free.slots[(n.node_id, "cuda", i)] = b
+            free[(n.node_id, "cuda", i)] = b
         if n.mps_free_bytes is not None:
-            free.slots[(n.node_id, "mps", 0)] = n.mps_free_bytes
-        free.slots[(n.node_id, "cpu", 0)] = n.cpu_free_bytes
+            free[(n.node_id, "mps", 0)] = n.mps_free_bytes
+        free[(n.node_id, "cpu", 0)] = n.cpu_free_bytes
     placements = []
     for d in demands:
         kinds = (d.device,) if d.device else DEVICE_ORDER
         chosen = None
         for kind in kinds:
             need = d.est_bytes[kind]
-            fits = [(b, key) for key, b in free.slots.items() if key[1] == kind and b >= need]
+            fits = [(b, key) for key, b in free.items() if key[1] == kind and b >= need]
             if fits:
                 # Most free memory first; the slot key breaks ties so plans are reproducible.
                 before, key = max(fits, key=lambda f: (f[0], f[1]))
                 node = by_node[key[0]]
-                free.slots[key] = before - need
+                free[key] = before - need
                 if _uses_ram(node, kind):
                     # MPS unified memory and simulated devices draw on the node's RAM, as its
                     # CPU slot does: one pool, so a placement on any of them shrinks all.
-                    for other in free.slots:
+                    for other in free:
                         if other != key and other[0] == node.node_id and _uses_ram(node, other[1]):
-                            free.slots[other] = max(0, free.slots[other] - need)
+                            free[other] = max(0, free[other] - need)
                 chosen = Placement(
                     d.name,
                     "planned",
@@ -147,10 +144,10 @@ def plan(demands: list[ModelDemand], nodes: list[NodeInfo]) -> list[Placement]:
     return placements
 
 
-def _no_fit_reason(d: ModelDemand, kinds: tuple[str, ...], free: _Free) -> str:
+def _no_fit_reason(d: ModelDemand, kinds: tuple[str, ...], free: _Slots) -> str:
     parts = []
     for kind in kinds:
-        have = [b for key, b in free.slots.items() if key[1] == kind]
+        have = [b for key, b in free.items() if key[1] == kind]
         best = f"largest free {_gib(max(have))}" if have else "no such device in the cluster"
         parts.append(f"{kind} needs ~{_gib(d.est_bytes[kind])} ({best})")
     explicit = f"device = {d.device!r} was requested; " if d.device else ""
