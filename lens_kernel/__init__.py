@@ -15,14 +15,26 @@ from lens_kernel.metrics import (
     temperature_topk,
 )
 from lens_kernel.norms import LENS_MODES, NormSpec, apply_norm, build_norm_plan
+from lens_kernel.parity import (
+    EPS,
+    KL_BOUND_BITS,
+    REL_BOUND,
+    ParityStats,
+    parity_failures,
+    parity_stats,
+)
 
 __all__ = [
+    "EPS",
+    "KL_BOUND_BITS",
     "LENS_MODES",
+    "REL_BOUND",
     "CollapseRule",
     "LensInputs",
     "LensOutputs",
     "NextTokenStats",
     "NormSpec",
+    "ParityStats",
     "PromptCollapse",
     "RowStats",
     "UnembedSpec",
@@ -35,6 +47,8 @@ __all__ = [
     "kl_bits",
     "lens_pass",
     "next_token_stats",
+    "parity_failures",
+    "parity_stats",
     "row_stats",
     "temperature_topk",
 ]
