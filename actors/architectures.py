@@ -21,7 +21,9 @@ class ArchitectureFacts:
     positional: Literal["rotary", "additive"]
     pre_norm: bool = True
     softcap_config_key: str | None = None  # HF config key of the final-logit soft cap
-    half_dtype: torch.dtype = torch.float16  # the seed's dtype on CUDA and MPS
+    # Half dtypes in which the family's own forward is known to overflow (Gemma's activations
+    # exceed float16's 65504: Gemma-3-270M gives inf logits); the dtype policy avoids them.
+    overflows_in: tuple[str, ...] = ()
 
 
 ARCHITECTURES: dict[str, ArchitectureFacts] = {
@@ -35,7 +37,7 @@ ARCHITECTURES: dict[str, ArchitectureFacts] = {
         1.0,
         "rotary",
         softcap_config_key="final_logit_softcapping",
-        half_dtype=torch.bfloat16,
+        overflows_in=("float16",),
     ),
     "Gemma3ForCausalLM": ArchitectureFacts(
         "gemma3",
@@ -43,7 +45,7 @@ ARCHITECTURES: dict[str, ArchitectureFacts] = {
         1.0,
         "rotary",
         softcap_config_key="final_logit_softcapping",
-        half_dtype=torch.bfloat16,
+        overflows_in=("float16",),
     ),
     "GPT2LMHeadModel": ArchitectureFacts("gpt2", "layernorm", 0.0, "additive"),
 }
@@ -92,5 +94,8 @@ def softcap_of(hf_config: Any, facts: ArchitectureFacts) -> float | None:
 
 
 def default_dtype(device_kind: str, facts: ArchitectureFacts) -> torch.dtype:
-    """The seed's dtype policy: fp32 on CPU; fp16 on CUDA and MPS, bf16 for Gemma."""
-    return torch.float32 if device_kind == "cpu" else facts.half_dtype
+    """The seed's dtype policy: fp32 on CPU; fp16 on CUDA and MPS, bf16 for a family that
+    overflows in fp16 (Gemma)."""
+    if device_kind == "cpu":
+        return torch.float32
+    return torch.bfloat16 if "float16" in facts.overflows_in else torch.float16

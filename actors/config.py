@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from actors.sources import DEFAULT_CACHE_DIR, ModelSource
 
 DEFAULT_SEED = 316
+# Environment a worker process needs before its first CUDA call: cuBLAS reads its workspace
+# setting when its handle is created, so setting it later in the process is too late. The sweep
+# puts these into every actor's Ray runtime env.
+WORKER_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 
 @dataclass(frozen=True)
@@ -15,7 +19,10 @@ class ActorConfig:
 
     name: str
     source: ModelSource
-    device: str = "cpu"
+    device: str = "cpu"  # where inputs, residuals and the lens live
+    # Devices the model's blocks are split over, in order (multi-GPU); empty: all on `device`.
+    # The driver sets ("cuda:0", ..., "cuda:k-1") for a model planned on k GPUs.
+    devices: tuple[str, ...] = ()
     dtype: str | None = None  # None: the seed's policy for the device and family
     seed: int = DEFAULT_SEED
     lens: str = "final"

@@ -19,3 +19,11 @@ class DeviceUnavailable(LensError):
 
 class ParityError(LensError):
     """The lens at the last layer does not reproduce the model's own logits."""
+
+
+class DeviceMismatch(LensError):
+    """A weight or lens tensor is not on the device the actor was placed for."""
+
+
+class NumericOverflow(LensError):
+    """The model's own forward pass gave non-finite logits in its compute dtype."""

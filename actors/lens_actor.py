@@ -6,6 +6,7 @@ written here except the converted-GGUF cache (a model-loading concern, like the 
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -21,25 +22,32 @@ from actors.architectures import (
     norm_spec,
     softcap_of,
 )
-from actors.config import ActorConfig
-from actors.errors import DeviceUnavailable, ParityError
+from actors.config import WORKER_ENV, ActorConfig
+from actors.devices import peak_memory_bytes, verify_placement, weight_device_map
+from actors.errors import DeviceUnavailable, NumericOverflow, ParityError
 from actors.prompts import PromptSpec, TokenisedBatch, bos_policy, tokenise
 from actors.records import TokenTexts, records_batch, summary_batch
 from actors.runtime import check_device, set_determinism
 from actors.schema import SCHEMA_VERSION
-from actors.sources import architecture_of, load_hf, locate
+from actors.sources import architecture_of, load_config, load_hf, locate
 from lens_kernel import (
+    KL_BOUND_BITS,
+    REL_BOUND,
     CollapseRule,
     LensInputs,
+    NormSpec,
+    ParityStats,
     UnembedSpec,
+    apply_norm,
     build_norm_plan,
     lens_pass,
     next_token_stats,
+    parity_failures,
+    parity_stats,
     temperature_topk,
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PARITY_ATOL = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 
 
 @dataclass
@@ -69,6 +77,9 @@ class LensActor:
     def __init__(self, config: ActorConfig) -> None:
         t0 = time.perf_counter()
         self.config = config
+        # Whether the worker's environment (the sweep's Ray runtime env) already had what CUDA
+        # determinism needs before this process could touch CUDA, or the actor had to set it.
+        self.worker_env_preset = all(os.environ.get(k) == v for k, v in WORKER_ENV.items())
         set_determinism(config.seed)
         self.simulated_device: str | None = None
         try:
@@ -80,14 +91,20 @@ class LensActor:
 
         from transformer_lens.model_bridge import TransformerBridge
 
-        # The architecture (from the config alone) decides the dtype; weights load once, in it.
+        # The config alone decides dtype and device map; the weights then load once, in that
+        # dtype, straight onto the placed device(s).
         name_or_dir, provenance = locate(config.source, Path(config.cache_dir))
-        self.facts = architecture_facts(architecture_of(name_or_dir, config.source))
+        hf_config = load_config(name_or_dir, config.source)
+        self.facts = architecture_facts(architecture_of(hf_config))
         self.dtype = (
             DTYPES[config.dtype] if config.dtype else default_dtype(self.device.type, self.facts)
         )
-        hf_model, tokenizer = load_hf(name_or_dir, config.source, self.dtype)
+        devices = config.devices if self.simulated_device is None else ()
+        self.weight_devices = [check_device(d) for d in devices] or [self.device]
+        device_map = weight_device_map(hf_config, devices, self.device)
+        hf_model, tokenizer = load_hf(name_or_dir, config.source, self.dtype, device_map)
         hf_model = hf_model.eval()
+        # TransformerLens uses a model it is given where it is: the weights are already placed.
         self.bridge = TransformerBridge.boot_transformers(
             name_or_dir,
             hf_model=hf_model,
@@ -121,11 +138,14 @@ class LensActor:
         unembed = self.bridge.unembed.original_component
         bias = getattr(unembed, "bias", None)
         self.unembed = UnembedSpec(
-            W_U=unembed.weight.detach().float().T.contiguous(),
+            W_U=_float32_transposed(unembed.weight.detach(), self.device),
             # TransformerBridge gives lm_head an all-zero bias; skipping it saves a [rows, V] pass.
-            b_U=None if bias is None or not bool(bias.any()) else bias.detach().float(),
+            b_U=None
+            if bias is None or not bool(bias.any())
+            else bias.detach().to(self.device, torch.float32),
             softcap=softcap_of(self.hf_config, self.facts),
         )
+        self._check_placement()
         self.rule = CollapseRule(config.copy_threshold, config.copy_margin)
         self.bos_id, self.bos_policy = bos_policy(tokenizer, config.prepend_bos)
         pad = (
@@ -137,7 +157,7 @@ class LensActor:
             f"blocks.{i}.hook_resid_post" for i in range(self.n_layers)
         ]
         self.provenance = provenance
-        self.parity_max_abs = 0.0
+        self.parity = {"max_abs": 0.0, "max_kl_bits": 0.0, "max_rel": 0.0, "top1_disagreements": 0}
         self.temperature_rows: list[dict[str, Any]] = []
         self.timings = {"load_s": time.perf_counter() - t0, "lens_s": 0.0}
         self.batches_done = 0
@@ -164,8 +184,8 @@ class LensActor:
                 chunk_bytes=self.config.chunk_bytes,
                 final_norm=self.final_norm,
             )
-            parity = (out.final_logits - model_logits).abs().amax(dim=-1)  # [B]
-            self._check_parity(float(parity.max()))
+            parity = parity_stats(model_logits, out.final_logits)
+            self._check_parity(batch, parity)
             model_stats = next_token_stats(
                 model_logits.unsqueeze(0),
                 torch.log_softmax(model_logits, dim=-1),
@@ -184,13 +204,26 @@ class LensActor:
             _squeeze_rows(model_stats.rows),
             model_stats.answer_prob[0],
             model_stats.answer_rank[0],
-            parity,
+            parity.max_abs,
             self.texts,
         )
         residuals = self._residual_bytes(batch, resid) if self.config.keep_residuals else None
         self.timings["lens_s"] += time.perf_counter() - t0
         self.batches_done += 1
         return BatchResult(records, summary, residuals, temps)
+
+    def measure_parity(
+        self, prompts: list[PromptSpec], final_norm: NormSpec | None = None
+    ) -> ParityStats:
+        """Parity of lens and model at the next-token position, without the gate: for measuring
+        what the gate must allow and what it catches (``bench.parity_dtypes`` passes a
+        deliberately wrong ``final_norm``; default: the model's own)."""
+        batch = tokenise(self.tokenizer, prompts, self.bos_id, self.pad_id, self.n_ctx)
+        norm = self.final_norm if final_norm is None else final_norm
+        with torch.inference_mode():
+            model_logits, resid = self._forward(batch, all_positions=False)
+            final = apply_norm(resid[-1], norm, keep_bias=True)
+            return parity_stats(model_logits, self.unembed(final))
 
     def _forward(
         self, batch: TokenisedBatch, all_positions: bool
@@ -204,10 +237,10 @@ class LensActor:
 
         def keep(layer: int):
             def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
-                # Keep only the positions the lens needs; the full tensor is freed with the layer.
-                captured[layer] = (
-                    x.detach().clone() if all_positions else x[rows, next_pos].detach().clone()
-                )
+                # Keep only the positions the lens needs, gathered onto the lens device (a split
+                # model's blocks run elsewhere); the full tensor is freed with the layer.
+                here = x.detach().to(self.device)
+                captured[layer] = here.clone() if all_positions else here[rows, next_pos]
                 return x
 
             return hook
@@ -221,7 +254,7 @@ class LensActor:
         if missing:
             raise RuntimeError(f"hooks did not fire: {missing}")
         resid = torch.stack([t for t in captured if t is not None])  # [layers, B, (T,) d]
-        return logits[rows, next_pos].float(), resid
+        return logits.to(self.device)[rows, next_pos].float(), resid
 
     def _lens_inputs(
         self, batch: TokenisedBatch, resid: torch.Tensor, all_positions: bool
@@ -248,14 +281,46 @@ class LensActor:
             **common,
         )
 
-    def _check_parity(self, max_abs: float) -> None:
-        self.parity_max_abs = max(self.parity_max_abs, max_abs)
-        tol = PARITY_ATOL.get(self.dtype, 1e-4)
-        if not max_abs <= tol:
+    def _check_placement(self) -> None:
+        """Every weight on the placed device(s), every lens tensor on the lens device."""
+        lens = {"unembed.W_U": self.unembed.W_U, "unembed.b_U": self.unembed.b_U}
+        for spec in [*self.norm_plan, self.final_norm]:
+            if spec is not None:
+                lens[f"lens norm {spec.name}.weight"] = spec.weight
+                lens[f"lens norm {spec.name}.bias"] = spec.bias
+        model = self.bridge.original_model
+        verify_placement(model, lens, self.weight_devices, self.device, self.config.name)
+
+    def _check_parity(self, batch: TokenisedBatch, parity: ParityStats) -> None:
+        """The dtype-scaled parity gate (lens_kernel.parity); overflow is named as such."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        finite = parity.model_finite
+        if not bool(finite.all()):
+            bad = [p.id for p, ok in zip(batch.prompts, finite.tolist(), strict=True) if not ok]
+            known = (
+                f" ({self.facts.family} is known to)" if dtype in self.facts.overflows_in else ""
+            )
+            raise NumericOverflow(
+                f"{self.config.name}: the model's own forward gave non-finite logits in {dtype} "
+                f"(prompts {', '.join(bad[:3])}): it overflowed in {dtype}{known}, which is not a "
+                'lens error; use dtype = "bfloat16" or "float32" for this model'
+            )
+        self.parity["max_abs"] = max(self.parity["max_abs"], float(parity.max_abs.max()))
+        self.parity["max_kl_bits"] = max(self.parity["max_kl_bits"], float(parity.kl_bits.max()))
+        self.parity["top1_disagreements"] += int((~parity.top1_agree).sum())
+        self.parity["max_rel"] = max(
+            self.parity["max_rel"], float(parity.relative_error(dtype).max())
+        )
+        failed = parity_failures(parity, dtype)
+        if bool(failed.any()):
+            i = int(failed.nonzero()[0, 0])
             raise ParityError(
-                f"{self.config.name}: lens at the last layer differs from the model's logits by "
-                f"{max_abs:.3g} (tolerance {tol:g} in {self.dtype}); the final norm or unembedding "
-                f"is not applied as the model does ({self.facts.family}); please report it"
+                f"{self.config.name}: lens at the last layer does not reproduce the model's "
+                f"output on prompt {batch.prompts[i].id!r}: KL(model || lens) = "
+                f"{float(parity.kl_bits[i]):.3g} bits (bound {KL_BOUND_BITS[dtype]:g} in {dtype}), "
+                f"top-1 {'agrees' if bool(parity.top1_agree[i]) else 'differs'}, max |diff| "
+                f"{float(parity.max_abs[i]):.3g}; the final norm or unembedding is not applied "
+                f"as the model does ({self.facts.family}); please report it"
             )
 
     def _temperature(
@@ -306,6 +371,7 @@ class LensActor:
         """A JSON-able record of what was loaded, how the lens ran, and its self-checks."""
         cfg = self.bridge.cfg
         n_params = sum(p.numel() for p in self.bridge.original_model.parameters())
+        dtype = str(self.dtype).removeprefix("torch.")
         return {
             "schema_version": SCHEMA_VERSION,
             "model": self.config.name,
@@ -336,9 +402,15 @@ class LensActor:
                 "unembed": "float32",
             },
             "device": str(self.device),
+            "weight_devices": [str(d) for d in self.weight_devices],
             "simulated_device": self.simulated_device,
             "bos_policy": self.bos_policy,
             "seed": self.config.seed,
+            "deterministic": {
+                "algorithms": torch.are_deterministic_algorithms_enabled(),
+                "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                "worker_env_preset": self.worker_env_preset,
+            },
             "copy_rule": {
                 "threshold": self.rule.copy_threshold,
                 "margin": self.rule.copy_margin,
@@ -346,14 +418,28 @@ class LensActor:
             },
             "top_k": self.config.top_k,
             "parity": {
-                "max_abs_lens_minus_model_logits": self.parity_max_abs,
-                "tolerance": PARITY_ATOL.get(self.dtype, 1e-4),
+                "max_abs_lens_minus_model_logits": self.parity["max_abs"],
+                "max_kl_model_to_lens_bits": self.parity["max_kl_bits"],
+                "top1_disagreements": self.parity["top1_disagreements"],
+                "max_relative_error": self.parity["max_rel"],
+                "kl_bound_bits": KL_BOUND_BITS[dtype],
+                "relative_error_bound": REL_BOUND[dtype],
+                "gate": "max|diff| <= R eps scale, KL(model || lens) <= bound, same top-1 "
+                "unless a near tie (lens_kernel/parity.py)",
             },
             "temperature_exploration": self.temperature_rows,
             "timings": dict(self.timings),
+            "memory": peak_memory_bytes(self.weight_devices),
             "batches": self.batches_done,
             "versions": _versions(),
         }
+
+
+def _float32_transposed(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[V, d] weight -> contiguous float32 [d, V] on ``device``, with one float32 buffer (not a
+    cast copy and then a transposed copy: 4 GiB less at peak for a 256k-vocabulary model)."""
+    out = torch.zeros((weight.shape[1], weight.shape[0]), dtype=torch.float32, device=device)
+    return out.copy_(weight.T)
 
 
 def _to_device(spec: Any, device: torch.device) -> Any:

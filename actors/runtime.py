@@ -7,14 +7,20 @@ import random
 
 import torch
 
-from actors.config import DEFAULT_SEED
+from actors.config import DEFAULT_SEED, WORKER_ENV
 from actors.errors import DeviceUnavailable
 
 
 def set_determinism(seed: int = DEFAULT_SEED) -> None:
     """Seed every RNG and make torch pick deterministic kernels (bit-identical reruns)."""
-    # Must be set before the first cuBLAS call to take effect.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    for key, value in WORKER_ENV.items():
+        if key not in os.environ:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                raise RuntimeError(
+                    f"{key} was not set before CUDA started in this process, so cuBLAS may not "
+                    f"be deterministic: start the process with {key}={value} in its environment"
+                )
+            os.environ[key] = value
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -24,8 +30,12 @@ def set_determinism(seed: int = DEFAULT_SEED) -> None:
     except ImportError:  # numpy is optional for the lens itself
         pass
     torch.use_deterministic_algorithms(True)
+    # float32 stays float32 on Ampere and later: no TF32 in matmuls the lens compares exactly.
+    torch.backends.cuda.matmul.allow_tf32 = False
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def check_device(device: str) -> torch.device:

@@ -174,12 +174,12 @@ def locate(source: ModelSource, cache_dir: Path = DEFAULT_CACHE_DIR) -> tuple[st
     return str(directory), {**provenance, **facts}
 
 
-def architecture_of(name_or_dir: str, source: ModelSource) -> str:
-    """The HF model class name, read from the config alone so the dtype is chosen first."""
+def load_config(name_or_dir: str, source: ModelSource) -> Any:
+    """The model's HF config alone, so that dtype and device map are chosen before the weights."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             name_or_dir, revision=source.revision, trust_remote_code=source.trust_remote_code
         )
     except (OSError, ValueError) as exc:
@@ -187,6 +187,10 @@ def architecture_of(name_or_dir: str, source: ModelSource) -> str:
             f"could not read the config of {source.label!r}: {exc}. Check the id or path; hub ids "
             "need network access (or a populated Hugging Face cache) and gated models need a token"
         ) from exc
+
+
+def architecture_of(config: Any) -> str:
+    """The HF model class name of a config (from ``architectures``, else transformers' mapping)."""
     if config.architectures:
         return str(config.architectures[0])
     from transformers import AutoModelForCausalLM
@@ -195,15 +199,24 @@ def architecture_of(name_or_dir: str, source: ModelSource) -> str:
     return mapping[type(config)].__name__
 
 
-def load_hf(name_or_dir: str, source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Load (hf_model, tokenizer) on the CPU directly in ``dtype`` (no float32 detour)."""
+def load_hf(
+    name_or_dir: str,
+    source: ModelSource,
+    dtype: torch.dtype,
+    device_map: dict[str, str] | None = None,
+) -> tuple[Any, Any]:
+    """Load (hf_model, tokenizer) directly in ``dtype`` and onto ``device_map``'s devices.
+
+    transformers reads the safetensors shards straight into the mapped devices, so a GPU model
+    never needs its full size in host RAM. ``device_map`` None loads on the CPU.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     common = {"revision": source.revision, "trust_remote_code": source.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, **common)
         hf_model = AutoModelForCausalLM.from_pretrained(
-            name_or_dir, dtype=dtype, attn_implementation="eager", **common
+            name_or_dir, dtype=dtype, attn_implementation="eager", device_map=device_map, **common
         )
     except (OSError, ValueError) as exc:
         raise ModelSourceError(

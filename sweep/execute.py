@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import ActorConfig
+from actors.config import WORKER_ENV, ActorConfig
 from actors.prompts import PromptSpec, batch_prompts
 from sweep.artefacts import ModelArtefacts
 from sweep.ledger import Ledger, now
@@ -25,6 +25,16 @@ class _Job:
     next_batch: int = 0
     done_batches: int = 0
     started: float = field(default_factory=time.perf_counter)
+
+
+def with_worker_env(options: dict[str, Any]) -> dict[str, Any]:
+    """Actor options whose runtime env carries WORKER_ENV, set before the worker touches CUDA.
+
+    Ray merges an actor's env_vars over the job's, so a job's own runtime env still applies.
+    """
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**WORKER_ENV, **runtime_env.get("env_vars", {})}
+    return {**options, "runtime_env": runtime_env}
 
 
 def explain_failure(exc: BaseException) -> str:
@@ -104,7 +114,7 @@ def run_models(
         batch_bar.update(len(job.batches) - job.done_batches)
 
     for cfg in configs:
-        actor = remote_cls.options(**options[cfg.name]).remote(cfg)
+        actor = remote_cls.options(**with_worker_env(options[cfg.name])).remote(cfg)
         job = _Job(cfg.name, actor, batches, ModelArtefacts(run_dir, cfg.name))
         jobs[cfg.name] = job
         ledger.update(cfg.name, status="running", started_at=now(), error=None)
@@ -146,6 +156,7 @@ def run_models(
                 load_s=round(value["timings"]["load_s"], 3),
                 lens_s=round(value["timings"]["lens_s"], 3),
                 parity_max_abs=value["parity"]["max_abs_lens_minus_model_logits"],
+                parity_max_kl_bits=value["parity"]["max_kl_model_to_lens_bits"],
                 artefacts=files,
             )
     except KeyboardInterrupt:

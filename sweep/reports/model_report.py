@@ -97,8 +97,11 @@ def _sanity(m: ModelData, run: RunData, rows: pl.DataFrame, summary: dict[str, A
         f"lens mode `{d.get('lens')}`; LayerNorm bias kept: {fmt(norm.get('keep_layernorm_bias'))}",
         f"- Positional embedding: {d.get('positional')}; final-logit soft-cap: {fmt(d.get('final_logit_softcap'))}",
         f"- Unembedding dtype: {d.get('dtype', {}).get('unembed')}; lens norms: {d.get('dtype', {}).get('lens_norm')}",
-        f"- Parity (lens at the last layer vs the model's logits): max |diff| = "
-        f"{fmt(parity.get('max_abs_lens_minus_model_logits'))} (tolerance {fmt(parity.get('tolerance'))})",
+        f"- Parity (lens at the last layer vs the model's logits, in {d.get('dtype', {}).get('compute')}): "
+        f"max |diff| = {fmt(parity.get('max_abs_lens_minus_model_logits'))}, "
+        f"max KL(model || lens) = {fmt(parity.get('max_kl_model_to_lens_bits'))} bits "
+        f"(bound {fmt(parity.get('kl_bound_bits'))}), top-1 disagreements "
+        f"{fmt(parity.get('top1_disagreements'))}",
         f"- BOS: {d.get('bos_policy')}",
         f"- Primary prompt {ends}: {text!r}",
         f"- Collapse layers: {present}",

@@ -31,6 +31,14 @@ def test_broken_model_fails_alone_and_the_others_complete(first_run):
         entry = ledger["models"][name]
         assert entry["device"] == "cpu" and entry["node_id"] and entry["fingerprint"]
         assert entry["parity_max_abs"] <= 1e-4
+        diag = json.loads((run / f"output-{name}.json").read_text())["diagnostics"]
+        # CUDA determinism needs its cuBLAS setting before the worker's first CUDA call: the
+        # sweep puts it into the actor's runtime env, so it is there before the actor runs.
+        assert diag["deterministic"] == {
+            "algorithms": True,
+            "cublas_workspace_config": ":4096:8",
+            "worker_env_preset": True,
+        }
         for f in (f"records-{name}.parquet", f"prompts-{name}.parquet", f"output-{name}.json"):
             assert (run / f).is_file()
         with open(run / f"output-{name}-records.csv") as fh:
