@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from sweep.placement import NodeInfo
+
+ACCELERATOR_PREFIX = "accelerator_type:"
+# Ray's names for Apple chips ("M1", "M2-Pro", "M3-Max", "M4-Ultra", or "Apple-Silicon"). One
+# digit: NVIDIA's old Tesla M40 / M60 come out as "M40" / "M60".
+APPLE_CHIP = re.compile(r"M\d(-(Pro|Max|Ultra))?|Apple-Silicon")
 
 
 def _local_has_mps() -> bool:
@@ -17,11 +24,20 @@ def _local_has_mps() -> bool:
         return False
 
 
+def _ray_counts_apple_gpu() -> bool:
+    """Whether this Ray advertises this machine's Apple GPU as ``GPU`` itself (Ray >= 2.60)."""
+    try:
+        from ray._private.accelerators import AppleGPUAcceleratorManager
+    except ImportError:
+        return False
+    return AppleGPUAcceleratorManager.get_current_node_num_accelerators() > 0
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local Ray on loopback.
 
-    A local Ray on an Apple-silicon machine advertises a custom ``mps`` resource itself, since
-    released Ray does not count Apple GPUs.
+    On an Apple-silicon machine a Ray that counts Apple GPUs advertises ``GPU`` itself; an older
+    one gets a custom ``mps`` resource from us instead.
     """
     import ray
 
@@ -33,7 +49,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
         # A job's own runtime env (ray job submit) applies; adding env_vars here would conflict.
         ray.init(address=address, log_to_driver=False)
         return {"address": address, "local": False}
-    resources = {"mps": 1} if _local_has_mps() else None
+    resources = {"mps": 1} if _local_has_mps() and not _ray_counts_apple_gpu() else None
     ray.init(
         address="local",
         num_cpus=num_cpus,
@@ -68,12 +84,80 @@ def _probe() -> dict[str, Any]:
     return found
 
 
+def accelerator_types(resources: Mapping[str, float]) -> list[str]:
+    """The accelerator types a node advertises (``accelerator_type:H100`` -> ``H100``)."""
+    return sorted(
+        k[len(ACCELERATOR_PREFIX) :] for k in resources if k.startswith(ACCELERATOR_PREFIX)
+    )
+
+
+def gpu_kind(resources: Mapping[str, float], cuda_found: int, mps_found: bool) -> str | None:
+    """What a node's Ray ``GPU`` resource stands for: "cuda", "mps" (an Apple GPU) or None.
+
+    CUDA devices the probe finds make it CUDA. Otherwise an Apple accelerator type makes it
+    Apple's, any other accelerator type (``H100``) CUDA; without a type, a GPU the probe finds
+    only MPS on is Apple's (a Ray that reports no type), and any other is taken for CUDA.
+    None: the node advertises no GPU and the probe finds none.
+    """
+    if cuda_found:
+        return "cuda"
+    if resources.get("GPU", 0) <= 0:
+        return None
+    types = accelerator_types(resources)
+    if any(APPLE_CHIP.fullmatch(t) for t in types):
+        return "mps"
+    if types:
+        return "cuda"
+    return "mps" if mps_found else "cuda"
+
+
+def node_info(node: Mapping[str, Any], found: Mapping[str, Any], simulate: bool) -> NodeInfo:
+    """One node's offer, from its ``ray.nodes()`` row and its probe's findings.
+
+    MPS is requested as Ray's ``GPU`` where that GPU is Apple's, else as a custom ``mps``
+    resource where the node advertises one (older Ray); never on a node whose GPU is CUDA.
+    A device advertised but not found is offered only when ``simulate``, with the node's RAM.
+    """
+    res = node.get("Resources", {})
+    ram = min(found["ram_available"], int(res.get("memory", found["ram_available"])))
+    gpus = tuple(g["free"] for g in found["cuda"])
+    names = tuple(g["name"] for g in found["cuda"])
+    kind = gpu_kind(res, len(gpus), bool(found["mps"]))
+    simulated: list[str] = []
+    if not gpus and kind == "cuda" and simulate:
+        n = int(res["GPU"]) or 1
+        gpus, names = (ram,) * n, ("simulated on CPU",) * n
+        simulated.append("cuda")
+    mps_resource = None
+    if kind == "mps":
+        mps_resource = "GPU"
+    elif kind != "cuda" and res.get("mps", 0) > 0:
+        mps_resource = "mps"
+    mps = ram if mps_resource and found["mps"] else None
+    if mps_resource and mps is None and simulate:
+        mps = ram
+        simulated.append("mps")
+    types = accelerator_types(res)
+    return NodeInfo(
+        node_id=node["NodeID"],
+        ip=node.get("NodeManagerAddress", "?"),
+        cpus=float(res.get("CPU", 0)),
+        cpu_free_bytes=ram,
+        gpu_free_bytes=gpus,
+        gpu_names=names,
+        mps_free_bytes=mps,
+        mps_resource=mps_resource if mps is not None else None,
+        accelerator_type=types[0] if types else None,
+        simulated=tuple(simulated),
+    )
+
+
 def probe_nodes(simulate_missing_devices: bool = False) -> list[NodeInfo]:
     """Probe every alive node with a small pinned task and combine it with Ray's resources.
 
     A node that advertises GPUs or ``mps`` its probe cannot find is not planned on, unless
     ``simulate_missing_devices``: then the advertised device is offered with the node's RAM and
-    the actor later runs on the CPU, recording the simulation.
+    the actor later runs on the CPU, recording the simulation (see ``node_info``).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -86,30 +170,7 @@ def probe_nodes(simulate_missing_devices: bool = False) -> list[NodeInfo]:
         ).remote()
         for n in alive
     ]
-    infos = []
-    for node, found in zip(alive, ray.get(refs, timeout=120), strict=True):
-        res = node.get("Resources", {})
-        ram = min(found["ram_available"], int(res.get("memory", found["ram_available"])))
-        gpus = tuple(g["free"] for g in found["cuda"])
-        names = tuple(g["name"] for g in found["cuda"])
-        simulated: list[str] = []
-        if not gpus and res.get("GPU", 0) >= 1 and simulate_missing_devices:
-            gpus, names = (ram,) * int(res["GPU"]), ("simulated on CPU",) * int(res["GPU"])
-            simulated.append("cuda")
-        mps = ram if (res.get("mps", 0) >= 1 and found["mps"]) else None
-        if mps is None and res.get("mps", 0) >= 1 and simulate_missing_devices:
-            mps = ram
-            simulated.append("mps")
-        infos.append(
-            NodeInfo(
-                node_id=node["NodeID"],
-                ip=node.get("NodeManagerAddress", "?"),
-                cpus=float(res.get("CPU", 0)),
-                cpu_free_bytes=ram,
-                gpu_free_bytes=gpus,
-                gpu_names=names,
-                mps_free_bytes=mps,
-                simulated=tuple(simulated),
-            )
-        )
-    return infos
+    found = ray.get(refs, timeout=120)
+    return [
+        node_info(node, f, simulate_missing_devices) for node, f in zip(alive, found, strict=True)
+    ]

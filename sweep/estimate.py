@@ -36,6 +36,8 @@ class ModelShape:
     n_heads: int
     d_mlp: int
     exact_params: bool  # counted from tensor headers rather than derived from the config
+    # Embedding and unembedding share one matrix; None: unknown (GGUF, or a config without the key)
+    tied_embeddings: bool | None = None
 
 
 def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -58,15 +60,18 @@ def shape_from_config(cfg: dict[str, Any], n_params: int | None = None) -> Model
     head_dim = int(_first(cfg, "head_dim", default=d // heads))
     d_mlp = int(_first(cfg, "intermediate_size", "n_inner", default=4 * d))
     exact = n_params is not None
+    # Absent key: GPT-2 ties; otherwise unknown.
+    tied_key = cfg.get("tie_word_embeddings", True if cfg.get("model_type") == "gpt2" else None)
+    tied = None if tied_key is None else bool(tied_key)
     if n_params is None:
         gated = cfg.get("model_type") != "gpt2"
         attn = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
         mlp = (3 if gated else 2) * d * d_mlp
-        # Absent key: GPT-2 ties; otherwise assume untied, the larger (safer) estimate.
-        tied = bool(cfg.get("tie_word_embeddings", cfg.get("model_type") == "gpt2"))
         n_pos = int(cfg.get("n_positions", 0)) if cfg.get("model_type") == "gpt2" else 0
-        n_params = n_layers * (attn + mlp + 4 * d) + vocab * d * (1 if tied else 2) + n_pos * d + d
-    return ModelShape(n_params, n_layers, d, vocab, heads, d_mlp, exact)
+        # Unknown tying counts untied, the larger (safer) estimate.
+        n_unembed = vocab * d * (1 if tied else 2)
+        n_params = n_layers * (attn + mlp + 4 * d) + n_unembed + n_pos * d + d
+    return ModelShape(n_params, n_layers, d, vocab, heads, d_mlp, exact, tied)
 
 
 def _safetensors_params(directory: Path) -> int | None:
@@ -162,18 +167,51 @@ def model_shape(source: ModelSource, cache_dir: Path = DEFAULT_CACHE_DIR) -> Mod
 
 
 def estimate_peak_bytes(shape: ModelShape, dtype: str, batch_size: int, seq_len: int) -> int:
-    """Conservative peak memory of one lens actor, in bytes.
+    """Conservative peak memory of one lens actor on one device, in bytes.
 
     weights in the compute dtype + a float32 copy of the unembedding + hooked residuals
     ([layers + 1, batch, seq, d_model]) + forward activations and attention scores + the model's
     logits + the lens's row-chunk budget; then x1.2 and +512 MiB of headroom.
     """
+    return estimate_split_bytes(shape, dtype, batch_size, seq_len, 1)[0]
+
+
+def estimate_split_bytes(
+    shape: ModelShape, dtype: str, batch_size: int, seq_len: int, n_devices: int
+) -> list[int]:
+    """Conservative peak memory per device of a model split over ``n_devices`` GPUs, in bytes.
+
+    Block i runs on device ``i * k // n_layers`` (contiguous runs of at most ceil(L / k) blocks,
+    as the actor splits them), so every device holds ceil(L / k) blocks' weights, their hooked
+    residuals and one block's activations and attention scores. Device 0, the lens device,
+    also holds the embeddings, final norm and unembedding, the unembedding's float32 copy, all
+    L + 1 hooked residuals, the model's logits and the lens's row-chunk budget. Each device's
+    sum takes x1.2 and its own +512 MiB (a CUDA context per device). Where the shape does not
+    say whether embeddings are tied, device 0 is charged for two matrices and the blocks for
+    all but one: an upper bound on both. ``n_devices == 1`` is exactly ``estimate_peak_bytes``.
+    """
+    k, n_layers = n_devices, shape.n_layers
+    if not 1 <= k <= max(1, n_layers):
+        raise ValueError(f"n_devices must be in 1..{n_layers} (one block each at least), got {k}")
     b = BYTES_PER_PARAM[dtype]
-    weights = shape.n_params * b
-    unembed_f32 = shape.d_model * shape.d_vocab * 4
-    resid = (shape.n_layers + 1) * batch_size * seq_len * shape.d_model * b
-    acts = batch_size * seq_len * (4 * shape.d_model + 2 * shape.d_mlp) * b
+    d, vocab = shape.d_model, shape.d_vocab
+    unembed_f32 = d * vocab * 4
+    per_layer_resid = batch_size * seq_len * d * b
+    acts = batch_size * seq_len * (4 * d + 2 * shape.d_mlp) * b
     attn = batch_size * shape.n_heads * seq_len * seq_len * b * 2
-    logits = batch_size * seq_len * shape.d_vocab * b
-    total = weights + unembed_f32 + resid + acts + attn + logits + LENS_CHUNK_BYTES
-    return int(total * HEADROOM_FACTOR + HEADROOM_FIXED)
+    logits = batch_size * seq_len * vocab * b
+    lens_extra = unembed_f32 + (n_layers + 1) * per_layer_resid + logits + LENS_CHUNK_BYTES
+    if k == 1:
+        totals = [shape.n_params * b + lens_extra + acts + attn]
+    else:
+        n_head = vocab * d * (1 if shape.tied_embeddings else 2) + d  # (un)embedding, final norm
+        n_head = min(shape.n_params, n_head)
+        n_tied_head = min(shape.n_params, vocab * d + d)
+        n_blocks = shape.n_params - (n_tied_head if shape.tied_embeddings is None else n_head)
+        blocks_per_device = -(-n_layers // k)
+        block_bytes = -(-n_blocks * blocks_per_device // n_layers) * b
+        # The lens device's residuals are all L + 1 layers, its own blocks' included.
+        lens_device = n_head * b + block_bytes + lens_extra + acts + attn
+        other = block_bytes + blocks_per_device * per_layer_resid + acts + attn
+        totals = [lens_device] + [other] * (k - 1)
+    return [int(t * HEADROOM_FACTOR + HEADROOM_FIXED) for t in totals]

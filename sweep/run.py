@@ -16,7 +16,13 @@ from typing import Any
 from actors.config import ActorConfig
 from actors.sources import DEFAULT_CACHE_DIR
 from sweep.errors import ManifestError, RunDirError
-from sweep.estimate import BYTES_PER_PARAM, EstimateError, estimate_peak_bytes, model_shape
+from sweep.estimate import (
+    BYTES_PER_PARAM,
+    EstimateError,
+    estimate_peak_bytes,
+    estimate_split_bytes,
+    model_shape,
+)
 from sweep.files import write_json
 from sweep.ledger import Ledger
 from sweep.manifest import Manifest, load_manifest
@@ -96,8 +102,14 @@ def _actor_config(manifest: Manifest, name: str) -> ActorConfig:
     )  # fmt: skip
 
 
-def _demands(manifest: Manifest, names: list[str], ledger: Ledger) -> list[ModelDemand]:
-    """Memory demand per model and device kind; a model whose shape cannot be read fails here."""
+def _demands(
+    manifest: Manifest, names: list[str], ledger: Ledger, max_gpus: int = 1
+) -> list[ModelDemand]:
+    """Memory demand per model and device kind; a model whose shape cannot be read fails here.
+
+    A model that may run on CUDA also gets its per-GPU demand split over 2..max_gpus GPUs (the
+    most one node has), for when it fits on no single GPU.
+    """
     demands = []
     o = manifest.options
     for m in manifest.models:
@@ -113,11 +125,16 @@ def _demands(manifest: Manifest, names: list[str], ledger: Ledger) -> list[Model
             k: estimate_peak_bytes(shape, dtypes[k], o.batch_size, o.max_seq_len)
             for k in DEVICE_ORDER
         }
+        split = {
+            n: tuple(estimate_split_bytes(shape, dtypes["cuda"], o.batch_size, o.max_seq_len, n))
+            for n in range(2, min(max_gpus, shape.n_layers) + 1)
+            if m.device in (None, "cuda")
+        }
         weights = {k: shape.n_params * BYTES_PER_PARAM[dtypes[k]] for k in DEVICE_ORDER}
         ledger.update(
             m.name, n_params=shape.n_params, n_layers=shape.n_layers, weights_bytes=weights
         )
-        demands.append(ModelDemand(m.name, est, dtypes, m.device))
+        demands.append(ModelDemand(m.name, est, dtypes, m.device, split))
     return demands
 
 
@@ -127,7 +144,10 @@ def _summary_table(ledger: Ledger) -> str:
         detail = e.get("error") or (
             f"parity {e['parity_max_abs']:.1e}" if "parity_max_abs" in e else ""
         )
-        rows.append((name, e.get("status", "?"), str(e.get("device") or "-"), detail or ""))
+        device = str(e.get("device") or "-")
+        if e.get("n_gpus", 1) > 1:
+            device = f"{e.get('device_kind')} x{e['n_gpus']}"  # a model split over GPUs
+        rows.append((name, e.get("status", "?"), device, detail or ""))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows)
 
@@ -180,13 +200,21 @@ def _sweep(
     ledger.data["nodes"] = [
         {"node_id": n.node_id, "ip": n.ip, "cpus": n.cpus, "cpu_free_bytes": n.cpu_free_bytes,
          "gpu_free_bytes": list(n.gpu_free_bytes), "mps_free_bytes": n.mps_free_bytes,
+         "mps_resource": n.mps_resource, "accelerator_type": n.accelerator_type,
          "simulated": list(n.simulated)}
         for n in nodes
     ]  # fmt: skip
-    placements = plan(_demands(manifest, todo, ledger), nodes)
+    max_gpus = max((len(n.gpu_free_bytes) for n in nodes), default=1)
+    placements = plan(_demands(manifest, todo, ledger, max_gpus), nodes)
     runnable: list[Placement] = []
     for p in placements:
-        fields: dict[str, Any] = {"est_bytes": p.est_bytes, "plan": p.reason}
+        # Written on every plan, so a rerun overwrites what an earlier plan said.
+        fields: dict[str, Any] = {
+            "est_bytes": p.est_bytes,
+            "est_bytes_per_gpu": list(p.est_bytes_per_gpu) or None,
+            "n_gpus": p.n_gpus,
+            "plan": p.reason,
+        }
         if p.status == "skipped_no_fit":
             ledger.update(p.name, status="skipped_no_fit", error=p.reason, **fields)
             continue
@@ -196,7 +224,10 @@ def _sweep(
         runnable.append(p)
     configs = [
         replace(
-            _actor_config(manifest, p.name), device=p.device, simulate_missing_device=p.simulated
+            _actor_config(manifest, p.name),
+            device=p.device,
+            devices=p.devices,
+            simulate_missing_device=p.simulated,
         )
         for p in runnable
     ]
@@ -204,7 +235,7 @@ def _sweep(
 
     def context(name: str) -> dict[str, Any]:
         entry = ledger.models[name]
-        keys = ("node_id", "node_ip", "device_kind", "est_bytes", "plan")
+        keys = ("node_id", "node_ip", "device_kind", "n_gpus", "est_bytes", "plan")
         return {
             "placement": {k: entry.get(k) for k in keys},
             "provenance": prov,

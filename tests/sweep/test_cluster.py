@@ -1,9 +1,11 @@
 """A real Ray cluster on this machine: placement by node, simulated devices, ``ray job submit``.
 
-Two Ray nodes run on loopback (FIXTURES.md, "Ray 2.60 facts"): a head on 127.0.0.2 that
-advertises a custom ``mps`` resource (and serves the dashboard on 127.0.0.1, for the job API)
-and a worker on 127.0.0.2 that advertises one GPU. Neither device exists, so
-``--simulate-missing-devices`` plans on them and the actors run on the CPU.
+Two Ray nodes run on loopback (FIXTURES.md, "Ray 2.60 facts"), advertising what Ray 2.60 does
+on a Mac and on a CUDA box: a head on 127.0.0.2 with one ``GPU`` of accelerator type ``M3-Pro``
+(it also serves the dashboard on 127.0.0.1, for the job API) and a worker on 127.0.0.2 with one
+``GPU`` of type ``H200``. Neither device exists, so ``--simulate-missing-devices`` plans on them
+and the actors run on the CPU. The pure classification of a node's resources (custom ``mps``
+resource of older Ray included) is tested first, without a cluster.
 
 Isolation from other Ray instances on the same machine (other tests, other users):
 - every node gets its own ``--temp-dir`` (so no ``/tmp/ray/ray_current_cluster`` is
@@ -36,12 +38,16 @@ from typing import Any
 
 import pytest
 
+from sweep.cluster import gpu_kind, node_info
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 NODE_IP = "127.0.0.2"  # 127.0.0.1 is rewritten to the routable address: the worker never joins
 DASHBOARD_HOST = "127.0.0.1"
 START_TIMEOUT_S = 240  # a node start takes ~30 s on a busy 2-core machine
 RUN_TIMEOUT_S = 600
+MAC = "accelerator_type:M3-Pro"  # what Ray 2.60 adds beside GPU=1 on an M3 Pro
+CUDA_BOX = "accelerator_type:H200"
 # Uploaded with the job's working dir: none of these (.gitignore covers most; be explicit).
 JOB_EXCLUDES = [
     ".venv",
@@ -67,6 +73,109 @@ primary = true
 id = "hello"
 text = "Hello there"
 """
+
+
+# ---- what a node's resources and probe say, without Ray ------------------------------------------
+
+GIB = 2**30
+
+
+def _ray_node(**resources: float) -> dict[str, Any]:
+    return {"NodeID": "ab" * 28, "NodeManagerAddress": "10.0.0.7", "Resources": resources}
+
+
+def _found(cuda: int = 0, mps: bool = False, ram_gib: float = 64) -> dict[str, Any]:
+    gpus = [{"free": 80 * GIB, "name": "NVIDIA H100 80GB HBM3"} for _ in range(cuda)]
+    return {"ram_available": int(ram_gib * GIB), "cuda": gpus, "mps": mps}
+
+
+@pytest.mark.parametrize(
+    ("resources", "cuda_found", "mps_found", "kind"),
+    [
+        ({}, 0, False, None),
+        ({"mps": 1}, 0, True, None),  # older Ray on a Mac: no GPU, a custom resource
+        ({"GPU": 1, "accelerator_type:M1": 1}, 0, True, "mps"),
+        ({"GPU": 1, "accelerator_type:M2-Pro": 1}, 0, False, "mps"),
+        ({"GPU": 1, "accelerator_type:M4-Ultra": 1}, 0, False, "mps"),
+        ({"GPU": 1, "accelerator_type:Apple-Silicon": 1}, 0, False, "mps"),
+        ({"GPU": 1}, 0, True, "mps"),  # no type: the probe finds MPS and no CUDA
+        ({"GPU": 1}, 0, False, "cuda"),
+        ({"GPU": 8, "accelerator_type:H100": 1}, 8, False, "cuda"),
+        ({"GPU": 8, "accelerator_type:H100": 1}, 0, False, "cuda"),  # absent, but NVIDIA's
+        ({"GPU": 1, "accelerator_type:H200": 1}, 0, True, "cuda"),  # never MPS on NVIDIA
+        ({"GPU": 2, "accelerator_type:M60": 1}, 0, False, "cuda"),  # Tesla M60, not Apple
+        ({"GPU": 1, "accelerator_type:M3-Max": 1}, 1, False, "cuda"),  # CUDA found wins
+    ],
+)
+def test_gpu_kind_from_resources_and_probe(
+    resources: dict[str, float], cuda_found: int, mps_found: bool, kind: str | None
+) -> None:
+    assert gpu_kind(resources, cuda_found, mps_found) == kind
+
+
+def test_a_mac_on_ray_2_60_offers_mps_through_its_gpu_resource() -> None:
+    mac = _ray_node(CPU=12, GPU=1, memory=40 * GIB, **{MAC: 1})
+    n = node_info(mac, _found(mps=True), simulate=False)
+    assert (n.mps_free_bytes, n.mps_resource, n.accelerator_type) == (40 * GIB, "GPU", "M3-Pro")
+    assert (n.gpu_free_bytes, n.simulated, n.cpu_free_bytes) == ((), (), 40 * GIB)
+    # Regression: a Mac's GPU was read as a CUDA GPU, and simulated as one.
+    for simulate in (False, True):
+        n = node_info(mac, _found(mps=False), simulate)
+        assert n.gpu_free_bytes == ()
+        assert (n.mps_free_bytes is not None, n.simulated) == (
+            (True, ("mps",)) if simulate else (False, ())
+        )
+
+
+def test_a_mac_on_older_ray_offers_mps_through_the_custom_resource() -> None:
+    n = node_info(_ray_node(CPU=8, mps=1), _found(mps=True, ram_gib=16), simulate=False)
+    assert (n.mps_free_bytes, n.mps_resource, n.gpu_free_bytes) == (16 * GIB, "mps", ())
+    n = node_info(_ray_node(CPU=8, mps=1), _found(), simulate=True)
+    assert (n.mps_resource, n.simulated) == ("mps", ("mps",))
+    assert node_info(_ray_node(CPU=8, mps=1), _found(), simulate=False).mps_free_bytes is None
+
+
+def test_an_nvidia_node_offers_cuda_and_never_mps() -> None:
+    box = _ray_node(CPU=64, GPU=2, mps=1, **{"accelerator_type:H100": 1})
+    n = node_info(box, _found(cuda=2), simulate=True)
+    assert n.gpu_free_bytes == (80 * GIB, 80 * GIB) and n.gpu_names[0].startswith("NVIDIA")
+    assert (n.mps_free_bytes, n.mps_resource, n.simulated) == (None, None, ())
+    n = node_info(box, _found(), simulate=True)
+    assert (n.gpu_free_bytes, n.simulated) == ((64 * GIB,) * 2, ("cuda",))
+    assert n.mps_free_bytes is None
+    assert node_info(box, _found(), simulate=False).gpu_free_bytes == ()
+
+
+def test_local_ray_adds_the_mps_resource_only_where_ray_does_not_count_the_apple_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray._private.accelerators import AppleGPUAcceleratorManager
+
+    import sweep.cluster as cluster_mod
+
+    seen: list[Any] = []
+
+    class _Ray:
+        @staticmethod
+        def is_initialized() -> bool:
+            return False
+
+        @staticmethod
+        def init(**kwargs: Any) -> None:
+            seen.append(kwargs.get("resources"))
+
+    monkeypatch.setitem(sys.modules, "ray", _Ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster_mod, "_local_has_mps", lambda: True)
+    for counted, expected in ((1, None), (0, {"mps": 1})):
+        monkeypatch.setattr(
+            AppleGPUAcceleratorManager, "get_current_node_num_accelerators", lambda n=counted: n
+        )
+        cluster_mod.connect(None)
+        assert seen.pop() == expected
+
+
+# ---- a two-node cluster -----------------------------------------------------------------------
 
 
 def _ray_cli() -> Path:
@@ -236,7 +345,7 @@ def _cluster_env(token: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Head (mps, dashboard) + worker (one GPU), 1 CPU each, on loopback; torn down always."""
+    """Head (a Mac-like GPU, dashboard) + worker (a CUDA-like GPU), 1 CPU each, on loopback."""
     _ray_cli()
     _require_loopback_alias()
     token = secrets.token_hex(32)
@@ -253,7 +362,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                     "--head",
                     f"--node-ip-address={NODE_IP}",
                     f"--port={port}",
-                    '--resources={"mps": 1}',
+                    "--num-gpus=1",
+                    f"--resources={json.dumps({MAC: 1})}",
                     "--include-dashboard=true",
                     f"--dashboard-host={DASHBOARD_HOST}",
                     f"--dashboard-port={dash}",
@@ -272,6 +382,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                     f"--address={c.address}",
                     f"--node-ip-address={NODE_IP}",
                     "--num-gpus=1",
+                    f"--resources={json.dumps({CUDA_BOX: 1})}",
                     f"--dashboard-agent-listen-port={_free_port(NODE_IP)}",
                     *common,
                 ],
@@ -336,11 +447,10 @@ def _read(path: Path) -> dict[str, Any]:
 def test_simulated_devices_place_each_model_on_the_node_that_advertises_it(
     cluster: Cluster, tiny_checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
-    # "gpu" has no device: cuda comes first in the planner's order and only the worker has
-    # a GPU. "mps" asks for mps explicitly: the (simulated) GPU would also fit it, and the
-    # planner counts memory, so without it both models would queue for the one fake GPU.
+    # Both nodes advertise GPU=1, as Ray 2.60 does on a Mac and on a CUDA box; only the
+    # accelerator type tells them apart. Each model asks for its kind explicitly.
     llama = tiny_checkpoints["llama"]
-    manifest = _manifest(tmp_path / "m.toml", {"gpu": (llama, None), "mps": (llama, "mps")})
+    manifest = _manifest(tmp_path / "m.toml", {"gpu": (llama, "cuda"), "mps": (llama, "mps")})
     out = tmp_path / "results"
 
     done = _sweep(cluster, manifest, out, "--simulate-missing-devices")
@@ -349,12 +459,19 @@ def test_simulated_devices_place_each_model_on_the_node_that_advertises_it(
     run = out / "run-latest"
     ledger = _read(run / "ledger.json")
     assert ledger["cluster"]["local"] is False
-    gpu_node, mps_node = cluster.node_with("GPU"), cluster.node_with("mps")
+    gpu_node, mps_node = cluster.node_with(CUDA_BOX), cluster.node_with(MAC)
     assert gpu_node != mps_node
     nodes = {n["node_id"]: n for n in ledger["nodes"]}
     assert set(nodes) == {gpu_node, mps_node}
     assert nodes[gpu_node]["simulated"] == ["cuda"] and len(nodes[gpu_node]["gpu_free_bytes"]) == 1
+    assert nodes[gpu_node]["mps_free_bytes"] is None  # never MPS on an NVIDIA GPU
+    assert nodes[gpu_node]["accelerator_type"] == "H200"
     assert nodes[mps_node]["simulated"] == ["mps"] and nodes[mps_node]["mps_free_bytes"] > 0
+    assert nodes[mps_node]["gpu_free_bytes"] == []  # never CUDA on an Apple GPU
+    assert (nodes[mps_node]["mps_resource"], nodes[mps_node]["accelerator_type"]) == (
+        "GPU",
+        "M3-Pro",
+    )
 
     for name, kind, node in (("gpu", "cuda", gpu_node), ("mps", "mps", mps_node)):
         entry = ledger["models"][name]
@@ -362,6 +479,7 @@ def test_simulated_devices_place_each_model_on_the_node_that_advertises_it(
         assert entry["device_kind"] == kind
         assert entry["node_id"] == node
         assert entry["node_ip"] == NODE_IP
+        assert entry["n_gpus"] == 1
         assert entry["device"] == "cpu"
         assert entry["simulated_device"].startswith(kind)
         output = _read(run / f"output-{name}.json")

@@ -12,9 +12,11 @@ import pytest
 from actors import ModelSource
 from sweep.estimate import (
     BYTES_PER_PARAM,
+    GIB,
     EstimateError,
     ModelShape,
     estimate_peak_bytes,
+    estimate_split_bytes,
     model_shape,
     shape_from_config,
 )
@@ -34,6 +36,13 @@ LLAMA3_8B = {
     "rope_theta": 500000.0,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
+}
+LLAMA3_70B = {
+    **LLAMA3_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
 }
 GPT2_SMALL = {
     "architectures": ["GPT2LMHeadModel"],
@@ -75,6 +84,14 @@ def test_tied_embeddings_count_once() -> None:
     assert untied - tied == 128256 * 4096
 
 
+def test_tied_embeddings_are_read_from_the_config_or_left_unknown() -> None:
+    assert shape_from_config(LLAMA3_8B).tied_embeddings is False
+    assert shape_from_config({**LLAMA3_8B, "tie_word_embeddings": True}).tied_embeddings is True
+    assert shape_from_config(GPT2_SMALL).tied_embeddings is True
+    unknown = {k: v for k, v in LLAMA3_8B.items() if k != "tie_word_embeddings"}
+    assert shape_from_config(unknown).tied_embeddings is None
+
+
 def test_config_without_a_hidden_size_is_an_estimate_error() -> None:
     with pytest.raises(EstimateError, match="hidden_size"):
         shape_from_config({"num_hidden_layers": 2, "vocab_size": 10})
@@ -101,6 +118,98 @@ def test_peak_bytes_cover_the_weights_and_halve_them_in_half_precision() -> None
     # Weights are most of an 8B model's peak at batch 1: float16 needs a little over half.
     assert 0.5 < f16 / f32 < 0.6
     assert f32 - f16 >= s.n_params * (BYTES_PER_PARAM["float32"] - BYTES_PER_PARAM["float16"])
+
+
+# ---- split over several GPUs -----------------------------------------------------------------
+
+
+def test_split_over_one_device_is_the_single_device_estimate() -> None:
+    for cfg in (LLAMA3_8B, LLAMA3_70B, GPT2_SMALL):
+        s = shape_from_config(cfg)
+        for dtype in ("float32", "bfloat16"):
+            assert estimate_split_bytes(s, dtype, 4, 256, 1) == [
+                estimate_peak_bytes(s, dtype, 4, 256)
+            ]
+
+
+def test_split_shares_the_blocks_and_leaves_the_lens_on_device_0() -> None:
+    s = shape_from_config(LLAMA3_70B)
+    one = estimate_peak_bytes(s, "bfloat16", 4, 256)
+    for k in (2, 3, 4, 5, 8, 16, 80):
+        per_device = estimate_split_bytes(s, "bfloat16", 4, 256, k)
+        assert len(per_device) == k
+        lens, *others = per_device
+        assert len(set(others)) == 1 and lens > others[0]
+        # The lens device keeps the (un)embedding, its float32 copy and every residual.
+        assert lens - others[0] > 3 * s.d_model * s.d_vocab * 2 * 1.2
+        # Every device pays its own context: the sum exceeds one device's estimate.
+        assert sum(per_device) > one + (k - 1) * 512 * 2**20
+    lens = [estimate_split_bytes(s, "bfloat16", 4, 256, k)[0] for k in (1, 2, 4, 8, 16, 80)]
+    assert lens == sorted(lens, reverse=True)
+    # Blocks go in contiguous runs of at most ceil(80 / k): 3 GPUs hold 27 blocks each.
+    three, four = (estimate_split_bytes(s, "bfloat16", 1, 1, k)[1] for k in (3, 4))
+    assert three / four == pytest.approx(27 / 20, rel=0.02)
+
+
+def test_unknown_tying_charges_the_upper_bound_on_every_device() -> None:
+    tied, untied, unknown = (
+        shape_from_config({**LLAMA3_70B, "tie_word_embeddings": t}, n_params=70_000_000_000)
+        for t in (True, False, None)
+    )
+    assert unknown.tied_embeddings is None
+    t, u, x = (estimate_split_bytes(sh, "bfloat16", 4, 256, 4) for sh in (tied, untied, unknown))
+    assert x[0] > u[0] > t[0]  # device 0: two matrices and the larger blocks
+    assert x[1] == t[1] > u[1]  # the others: blocks as large as a tied model's
+
+
+def test_split_needs_a_block_per_device() -> None:
+    s = shape_from_config(GPT2_SMALL)
+    for k in (0, 13):
+        with pytest.raises(ValueError, match=r"n_devices must be in 1\.\.12"):
+            estimate_split_bytes(s, "float16", 1, 16, k)
+
+
+def test_llama3_70b_in_bf16_is_planned_on_the_fewest_gpus_that_hold_it(tmp_path: Path) -> None:
+    """The driver's demands for a 70B model, planned on simulated clusters (no Ray)."""
+    from sweep.ledger import Ledger
+    from sweep.manifest import load_manifest
+    from sweep.placement import NodeInfo, plan
+    from sweep.run import _demands
+
+    (tmp_path / "llama-70b").mkdir()
+    (tmp_path / "llama-70b" / "config.json").write_text(json.dumps(LLAMA3_70B))
+    body = '[sweep]\nname = "big"\nbatch_size = 4\n'
+    for name, device in (("any", None), ("on-cuda", "cuda"), ("on-cpu", "cpu")):
+        body += f'\n[[models]]\nname = "{name}"\nid = "./llama-70b"\ndtype = "bfloat16"\n'
+        body += f'device = "{device}"\n' if device else ""
+    body += '\n[[prompts]]\nid = "p"\ntext = "The capital of Germany is"\nanswer = "Berlin"\n'
+    (tmp_path / "m.toml").write_text(body)
+    manifest = load_manifest(tmp_path / "m.toml")
+    ledger = Ledger(tmp_path / "ledger.json", {"models": {}})
+    names = [m.name for m in manifest.models]
+
+    demands = _demands(manifest, names, ledger, max_gpus=8)
+    shape = shape_from_config(LLAMA3_70B)
+    seq = manifest.options.max_seq_len
+    assert sorted(demands[0].cuda_split) == list(range(2, 9))
+    assert demands[0].cuda_split[3] == tuple(estimate_split_bytes(shape, "bfloat16", 4, seq, 3))
+    assert demands[1].cuda_split == demands[0].cuda_split
+    assert demands[2].cuda_split == {}  # pinned to the CPU: never split
+    assert [len(d.cuda_split) for d in _demands(manifest, names, ledger)] == [0, 0, 0]
+
+    def node(node_id: str, gib: float, n: int) -> NodeInfo:
+        return NodeInfo(node_id, "10.0.0.9", 64, 256 * GIB, gpu_free_bytes=(int(gib * GIB),) * n)
+
+    # ~166 GiB on one device: two ~139 GiB H200s hold it; 80 GiB H100s need three.
+    (p, *_) = plan(demands[:1], [node("h200", 139, 8)])
+    assert (p.device_kind, p.n_gpus, p.dtype) == ("cuda", 2, "bfloat16")
+    (p, *_) = plan(demands[:1], [node("h100", 79, 8)])
+    assert (p.device_kind, p.n_gpus) == ("cuda", 3)
+    # Eight 24 GiB GPUs are too few (~32 GiB on the lens GPU); pinned to CUDA, it is skipped.
+    (p, *_) = plan(demands[1:2], [node("small", 24, 8)])
+    assert p.status == "skipped_no_fit"
+    assert "split over 8 GPUs of one node" in p.reason
+    assert "offers 192.0 GiB free on 8 GPUs" in p.reason
 
 
 # ---- shapes from local directories and files --------------------------------------------------
