@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench lint format clean
+.PHONY: venv test test-fast demo bench device-check lint format clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ demo: venv
 
 bench: venv
 	$(BIN)/python -m bench.lens_bench
+
+# Random-weight models of every shape in manifests/all.toml on DEVICE (cuda, mps or cpu);
+# DEVICE_CHECK_ARGS=--tiny for small versions.
+DEVICE ?= cuda
+device-check: venv
+	$(BIN)/python -m bench.device_check --device $(DEVICE) $(DEVICE_CHECK_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

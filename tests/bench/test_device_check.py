@@ -1,0 +1,79 @@
+"""The device check, as CI runs it: ``--device cpu --tiny`` over every shape of all.toml.
+
+On a GPU the same command with ``--device cuda`` (and real shapes) is how a user checks a box;
+on CPU the tiny shapes take the whole path: build, load, placement check, parity, reruns,
+timings, and a ``sweep.run`` through Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.device_check import SHAPES_DIR, shape_names
+from tests.conftest import REPO_ROOT, TEST_CACHE
+
+TIMEOUT_S = 900
+
+
+def _env(tokenizer_dir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LENS_SWEEP_CACHE": str(TEST_CACHE),
+        "LENS_SWEEP_TOKENIZER": str(tokenizer_dir),
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(smollm2_tok, test_cache: Path) -> Path:
+    return test_cache / "test-tokenizers" / "smollm2"  # saved there by the smollm2_tok fixture
+
+
+def test_every_model_of_all_toml_has_a_shape():
+    names = shape_names()
+    assert len(names) == 7
+    for name in names:
+        config = json.loads((SHAPES_DIR / f"{name}.json").read_text())
+        assert config["architectures"][0].endswith("ForCausalLM")
+
+
+def test_tiny_device_check_on_cpu_passes_every_check(tmp_path, tokenizer_dir):
+    out = tmp_path / "check.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.device_check", "--device", "cpu", "--tiny",
+         "--work", str(tmp_path / "work"), "--json", str(out)],
+        cwd=REPO_ROOT, env=_env(tokenizer_dir), capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all checks hold" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [s["name"] for s in result["shapes"]] == [f"{n}-tiny" for n in shape_names()]
+    for shape in result["shapes"]:
+        assert not shape["error"]
+        assert shape["checks"] and all(shape["checks"].values()), shape["checks"]
+        assert [(r["batch"], r["positions"]) for r in shape["rows"]] == [
+            (1, "all"), (32, "all"), (256, "next"),
+        ]  # fmt: skip
+        assert all(r["rerun_equal"] and r["lens_s"] > 0 for r in shape["rows"])
+        assert shape["parity_max_kl_bits"] <= 1e-5
+    assert "7/7 ok on ['cpu']" in result["sweep"]
+    assert result["failed"] == []
+    # The table a user reads, one row per shape and batch.
+    assert proc.stdout.count("-tiny |") == 7
+
+
+def test_an_unknown_shape_is_a_clear_error(tmp_path, tokenizer_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.device_check", "--device", "cpu", "--tiny",
+         "--shape", "Llama-9000", "--no-sweep", "--work", str(tmp_path)],
+        cwd=REPO_ROOT, env=_env(tokenizer_dir), capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "no shape 'Llama-9000'" in proc.stderr and "Meta-Llama-3-8B" in proc.stderr
