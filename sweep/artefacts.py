@@ -6,6 +6,7 @@ number of prompts); every file appears atomically when the model finishes.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,9 +58,14 @@ class _StreamingParquet:
         self.tmp.replace(self.final)
 
     def abort(self) -> None:
+        """Drop the partial file; never raises (it runs after another error, e.g. disk full)."""
         if self.writer is not None:
-            self.writer.close()
-        self.tmp.unlink(missing_ok=True)
+            # Closing a file the disk could not take may fail too: it goes anyway.
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            self.writer = None
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
 
 
 class ModelArtefacts:

@@ -50,6 +50,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
         ray.init(address=address, log_to_driver=False)
         return {"address": address, "local": False}
     resources = {"mps": 1} if _local_has_mps() and not _ray_counts_apple_gpu() else None
+    # Ray serves Prometheus metrics without auth on 0.0.0.0; a local sweep does not need them.
+    # Ray's processes inherit this (set it to 1 beforehand to keep them).
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
     ray.init(
         address="local",
         num_cpus=num_cpus,

@@ -131,7 +131,14 @@ def run_models(
                 finish(job, "failed", error=explain_failure(exc))
                 continue
             if kind == "batch":
-                job.sink.add(value)
+                try:
+                    job.sink.add(value)
+                except Exception as exc:  # disk full, a bad path: this model fails, not the sweep
+                    job.sink.abort()
+                    finish(
+                        job, "failed", error=f"writing results failed: {type(exc).__name__}: {exc}"
+                    )
+                    continue
                 job.done_batches += 1
                 batch_bar.update(1)
                 if job.done_batches == len(job.batches):

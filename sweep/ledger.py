@@ -12,10 +12,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sweep.errors import RunDirError
 from sweep.files import write_json
 
 LEDGER_NAME = "ledger.json"
 STATUSES = ("pending", "running", "ok", "failed", "skipped_no_fit")
+
+
+def _problem(data: Any) -> str | None:
+    """What is wrong with a ledger's structure, or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, found {type(data).__name__}"
+    models = data.get("models")
+    if not isinstance(models, dict):
+        return "no 'models' table"
+    for name, entry in models.items():
+        if not isinstance(entry, dict) or entry.get("status") not in STATUSES:
+            return f"model {name!r} has no valid status"
+    return None
+
+
+def _damaged(path: Path, problem: str) -> RunDirError:
+    return RunDirError(
+        f"{path}: the ledger is damaged ({problem}); nothing was changed. Its artefacts stay "
+        f"readable: move {path.parent} aside and run without --rerun-failed"
+    )
 
 
 def now() -> str:
@@ -38,8 +59,16 @@ class Ledger:
 
     @classmethod
     def load(cls, run_dir: Path) -> Ledger:
+        """Read a run's ledger; RunDirError (one line, nothing changed) if it is damaged."""
         path = run_dir / LEDGER_NAME
-        return cls(path, json.loads(path.read_text(encoding="utf-8")))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
+        problem = _problem(data)
+        if problem:
+            raise _damaged(path, problem)
+        return cls(path, data)
 
     @property
     def models(self) -> dict[str, dict[str, Any]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -25,6 +26,7 @@ from sweep.estimate import (
 )
 from sweep.files import write_json
 from sweep.ledger import Ledger
+from sweep.lock import RunLock
 from sweep.manifest import Manifest, load_manifest
 from sweep.placement import DEFAULT_DTYPE, DEVICE_ORDER, ModelDemand, Placement, plan
 from sweep.provenance import provenance
@@ -77,6 +79,20 @@ def _check_out(args: argparse.Namespace) -> None:
         )
 
 
+def rerun_command(args: argparse.Namespace) -> str:
+    """The command that resumes this run, as given (results root, cluster), ready to paste."""
+    argv = ["python", "-m", "sweep.run", str(args.manifest), "--out", str(args.out)]
+    if args.address:
+        argv += ["--address", args.address]
+    if args.num_cpus is not None:
+        argv += ["--num-cpus", str(args.num_cpus)]
+    if args.simulate_missing_devices:
+        argv.append("--simulate-missing-devices")
+    if getattr(args, "prompt_files_anywhere", False):
+        argv.append("--prompt-files-anywhere")
+    return shlex.join([*argv, "--rerun-failed"])
+
+
 def _open_run(args: argparse.Namespace, manifest: Manifest) -> tuple[Path, Ledger]:
     if not args.rerun_failed:
         try:
@@ -85,7 +101,7 @@ def _open_run(args: argparse.Namespace, manifest: Manifest) -> tuple[Path, Ledge
             raise RunDirError(f"{args.out}: cannot create the run directory: {exc}") from None
         return run_dir, Ledger.create(run_dir, str(manifest.path))
     run_dir = args.out / LATEST
-    ledger = Ledger.load(run_dir)
+    ledger = Ledger.load(run_dir)  # checked before anything is changed: RunDirError if damaged
     ledger.data["runs"] = ledger.data.get("runs", 1) + 1
     ledger.save()
     return run_dir, ledger
@@ -102,6 +118,18 @@ def _actor_config(manifest: Manifest, name: str) -> ActorConfig:
     )  # fmt: skip
 
 
+def _largest_batch(manifest: Manifest) -> tuple[int, int]:
+    """The largest batch the actors will see: (prompts, tokens per prompt) for the estimate.
+
+    No more prompts than the manifest has; tokens bounded by the longest prompt's UTF-8 bytes
+    plus BOS and one spare (a byte-level tokenizer never makes more tokens than bytes), and by
+    max_seq_len. The driver has no tokenizer: this is an upper bound, not the exact count.
+    """
+    o = manifest.options
+    longest = max(len(p.text.encode("utf-8")) for p in manifest.prompts)
+    return min(o.batch_size, len(manifest.prompts)), min(o.max_seq_len, longest + 2)
+
+
 def _demands(
     manifest: Manifest, names: list[str], ledger: Ledger, max_gpus: int = 1
 ) -> list[ModelDemand]:
@@ -111,7 +139,7 @@ def _demands(
     most one node has), for when it fits on no single GPU.
     """
     demands = []
-    o = manifest.options
+    batch, seq = _largest_batch(manifest)
     for m in manifest.models:
         if m.name not in names:
             continue
@@ -121,12 +149,9 @@ def _demands(
             ledger.update(m.name, status="failed", error=str(exc))
             continue
         dtypes = {k: m.dtype or DEFAULT_DTYPE[k] for k in DEVICE_ORDER}
-        est = {
-            k: estimate_peak_bytes(shape, dtypes[k], o.batch_size, o.max_seq_len)
-            for k in DEVICE_ORDER
-        }
+        est = {k: estimate_peak_bytes(shape, dtypes[k], batch, seq) for k in DEVICE_ORDER}
         split = {
-            n: tuple(estimate_split_bytes(shape, dtypes["cuda"], o.batch_size, o.max_seq_len, n))
+            n: tuple(estimate_split_bytes(shape, dtypes["cuda"], batch, seq, n))
             for n in range(2, min(max_gpus, shape.n_layers) + 1)
             if m.device in (None, "cuda")
         }
@@ -167,26 +192,43 @@ def run(args: argparse.Namespace, manifest: Manifest) -> int:
     from sweep.cluster import connect
 
     _check_out(args)
-    # Connect before touching the results root, so a cluster that cannot be reached leaves the
-    # previous run-latest where it was.
-    cluster = connect(args.address, args.num_cpus)
-    try:
-        run_dir, ledger = _open_run(args, manifest)
-        ledger.data["cluster"] = cluster
-        write_json(run_dir / "manifest.resolved.json", manifest.resolved())
-        write_json(run_dir / "provenance.json", provenance(manifest.options.seed))
-        todo = []
-        for m in manifest.models:
-            fp = manifest.fingerprint(m)
-            if ledger.is_done(m.name, fp):
-                continue
-            ledger.update(m.name, status="pending", fingerprint=fp, error=None)
-            todo.append(m.name)
-        return _sweep(args, manifest, run_dir, ledger, todo)
-    finally:
-        import ray
+    with RunLock(args.out):
+        if args.rerun_failed:
+            Ledger.load(args.out / LATEST)  # a damaged ledger: one line, exit 2, nothing changed
+        # Connect before touching the results root, so a cluster that cannot be reached leaves
+        # the previous run-latest where it was.
+        cluster = connect(args.address, args.num_cpus)
+        try:
+            run_dir, ledger = _open_run(args, manifest)
+            try:
+                ledger.data["cluster"] = cluster
+                write_json(run_dir / "manifest.resolved.json", manifest.resolved())
+                write_json(run_dir / "provenance.json", provenance(manifest.options.seed))
+                todo = []
+                for m in manifest.models:
+                    fp = manifest.fingerprint(m)
+                    if ledger.is_done(m.name, fp):
+                        continue
+                    ledger.update(m.name, status="pending", fingerprint=fp, error=None)
+                    todo.append(m.name)
+                return _sweep(args, manifest, run_dir, ledger, todo)
+            except BaseException as exc:
+                _close_unfinished(ledger, exc, rerun_command(args))
+                raise
+        finally:
+            import ray
 
-        ray.shutdown()  # this process connected; leave no Ray behind (a local one stops with it)
+            ray.shutdown()  # this process connected; leave no Ray behind (a local one stops too)
+
+
+def _close_unfinished(ledger: Ledger, exc: BaseException, rerun: str) -> None:
+    """The driver is stopping early: no model may stay 'pending' or 'running' in the ledger."""
+    what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+    for name, entry in ledger.models.items():
+        if entry.get("status") in ("pending", "running"):
+            ledger.update(
+                name, status="failed", error=f"the driver stopped ({what}); resume with: {rerun}"
+            )
 
 
 def _sweep(
@@ -255,10 +297,7 @@ def _sweep(
     print(f"artefacts: {run_dir}")
     bad = [n for n, e in ledger.models.items() if e.get("status") != "ok"]
     if bad:
-        print(
-            f"{len(bad)} model(s) not ok; fix the cause, then: "
-            f"python -m sweep.run {args.manifest} --rerun-failed"
-        )
+        print(f"{len(bad)} model(s) not ok; fix the cause, then: {rerun_command(args)}")
     return 1 if bad else 0
 
 
@@ -281,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished models are kept; resume with --rerun-failed", file=sys.stderr)
+        print(
+            f"interrupted: finished models are kept; resume with: {rerun_command(args)}",
+            file=sys.stderr,
+        )
         return 130
 
 

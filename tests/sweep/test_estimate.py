@@ -174,7 +174,7 @@ def test_llama3_70b_in_bf16_is_planned_on_the_fewest_gpus_that_hold_it(tmp_path:
     from sweep.ledger import Ledger
     from sweep.manifest import load_manifest
     from sweep.placement import NodeInfo, plan
-    from sweep.run import _demands
+    from sweep.run import _demands, _largest_batch
 
     (tmp_path / "llama-70b").mkdir()
     (tmp_path / "llama-70b" / "config.json").write_text(json.dumps(LLAMA3_70B))
@@ -190,9 +190,10 @@ def test_llama3_70b_in_bf16_is_planned_on_the_fewest_gpus_that_hold_it(tmp_path:
 
     demands = _demands(manifest, names, ledger, max_gpus=8)
     shape = shape_from_config(LLAMA3_70B)
-    seq = manifest.options.max_seq_len
+    batch, seq = _largest_batch(manifest)
+    assert (batch, seq) == (1, len("The capital of Germany is") + 2)
     assert sorted(demands[0].cuda_split) == list(range(2, 9))
-    assert demands[0].cuda_split[3] == tuple(estimate_split_bytes(shape, "bfloat16", 4, seq, 3))
+    assert demands[0].cuda_split[3] == tuple(estimate_split_bytes(shape, "bfloat16", 1, seq, 3))
     assert demands[1].cuda_split == demands[0].cuda_split
     assert demands[2].cuda_split == {}  # pinned to the CPU: never split
     assert [len(d.cuda_split) for d in _demands(manifest, names, ledger)] == [0, 0, 0]
@@ -210,6 +211,26 @@ def test_llama3_70b_in_bf16_is_planned_on_the_fewest_gpus_that_hold_it(tmp_path:
     assert p.status == "skipped_no_fit"
     assert "split over 8 GPUs of one node" in p.reason
     assert "offers 192.0 GiB free on 8 GPUs" in p.reason
+
+
+def test_the_estimate_sizes_the_batches_the_prompts_really_make(tmp_path: Path) -> None:
+    """batch_size = 100000 with one short prompt was skipped_no_fit with an 8.8 TiB estimate."""
+    from sweep.ledger import Ledger
+    from sweep.manifest import load_manifest
+    from sweep.run import _demands
+
+    (tmp_path / "llama-70b").mkdir()
+    (tmp_path / "llama-70b" / "config.json").write_text(json.dumps(LLAMA3_70B))
+    body = '[sweep]\nbatch_size = 100000\n[[models]]\nname = "m"\nid = "./llama-70b"\n'
+    body += '[[prompts]]\nid = "p"\ntext = "Hello"\n[[prompts]]\nid = "q"\ntext = "Straße"\n'
+    (tmp_path / "m.toml").write_text(body)
+    manifest = load_manifest(tmp_path / "m.toml")
+    ledger = Ledger(tmp_path / "ledger.json", {"models": {}})
+    (demand,) = _demands(manifest, ["m"], ledger)
+    shape = shape_from_config(LLAMA3_70B)
+    # Two prompts, at most len("Straße".encode()) = 7 bytes, + BOS and a spare.
+    assert demand.est_bytes["cuda"] == estimate_peak_bytes(shape, "float16", 2, 9)
+    assert demand.est_bytes["cuda"] < 200 * GIB
 
 
 # ---- shapes from local directories and files --------------------------------------------------

@@ -85,7 +85,8 @@ def test_rerun_failed_after_fixing_runs_only_the_failed_model(
     assert (run / "records-broken.parquet").is_file()
     assert len(pq.read_table(run / "cross-model-summary.parquet")) == 3
     assert (run / "evaluation-broken.md").is_file()  # reports are rebuilt after the rerun
-    assert [p.name for p in out.iterdir()] == ["run-latest"]  # a rerun does not rotate
+    # A rerun does not rotate; the results root holds the runs and the run lock.
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "run-latest"]
 
 
 def test_same_manifest_twice_gives_identical_numeric_artefacts(tiny_checkpoints, tmp_path):
@@ -93,7 +94,7 @@ def test_same_manifest_twice_gives_identical_numeric_artefacts(tiny_checkpoints,
     manifest = write_manifest(tmp_path / "m.toml", {"tiny-gpt2": tiny_checkpoints["gpt2"]})
     assert main([str(manifest), "--out", str(out), "--no-progress"]) == 0
     assert main([str(manifest), "--out", str(out), "--no-progress"]) == 0
-    runs = sorted(p for p in out.iterdir())
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(runs) == 2 and runs[-1].name == "run-latest"  # the first run was rotated aside
     first, second = runs
     for f in ("records-tiny-gpt2.parquet", "prompts-tiny-gpt2.parquet"):
