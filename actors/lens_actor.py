@@ -28,7 +28,7 @@ from actors.errors import DeviceUnavailable, NumericOverflow, ParityError
 from actors.prompts import PromptSpec, TokenisedBatch, bos_policy, tokenise
 from actors.records import TokenTexts, records_batch, summary_batch
 from actors.runtime import check_device, set_determinism
-from actors.schema import SCHEMA_VERSION
+from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA, SCHEMA_VERSION
 from actors.sources import architecture_of, load_config, load_hf, locate
 from lens_kernel import (
     KL_BOUND_BITS,
@@ -159,6 +159,7 @@ class LensActor:
         self.provenance = provenance
         self.parity = {"max_abs": 0.0, "max_kl_bits": 0.0, "max_rel": 0.0, "top1_disagreements": 0}
         self.temperature_rows: list[dict[str, Any]] = []
+        self.prompt_failures: list[dict[str, str]] = []
         self.timings = {"load_s": time.perf_counter() - t0, "lens_s": 0.0}
         self.batches_done = 0
 
@@ -171,6 +172,13 @@ class LensActor:
         if len(modes) != 1:
             raise ValueError(f"a batch holds prompts of one positions mode, got {sorted(modes)}")
         all_positions = modes == {"all"}
+        prompts = self._screen(prompts)
+        if not prompts:  # every prompt of this batch was refused: nothing to decode
+            self.batches_done += 1
+            return BatchResult(
+                pa.RecordBatch.from_pylist([], schema=RECORDS_SCHEMA),
+                pa.RecordBatch.from_pylist([], schema=PROMPT_SUMMARY_SCHEMA),
+            )
         batch = tokenise(self.tokenizer, prompts, self.bos_id, self.pad_id, self.n_ctx)
         with torch.inference_mode():
             model_logits, resid = self._forward(batch, all_positions)
@@ -211,6 +219,24 @@ class LensActor:
         self.timings["lens_s"] += time.perf_counter() - t0
         self.batches_done += 1
         return BatchResult(records, summary, residuals, temps)
+
+    def _screen(self, prompts: list[PromptSpec]) -> list[PromptSpec]:
+        """The prompts that fit the model's context; each one that does not is recorded as that
+        prompt's failure (``diagnostics()['prompt_failures']``) and the others go on."""
+        extra = 0 if self.bos_id is None else 1
+        kept = []
+        for p in prompts:
+            n = len(self.tokenizer(p.text, add_special_tokens=False)["input_ids"]) + extra
+            if n > self.n_ctx:
+                self.prompt_failures.append(
+                    {
+                        "prompt_id": p.id,
+                        "error": f"{n} tokens, longer than the model's context of {self.n_ctx}",
+                    }
+                )
+            else:
+                kept.append(p)
+        return kept
 
     def measure_parity(
         self, prompts: list[PromptSpec], final_norm: NormSpec | None = None
@@ -428,6 +454,7 @@ class LensActor:
                 "unless a near tie (lens_kernel/parity.py)",
             },
             "temperature_exploration": self.temperature_rows,
+            "prompt_failures": self.prompt_failures,
             "timings": dict(self.timings),
             "memory": peak_memory_bytes(self.weight_devices),
             "batches": self.batches_done,

@@ -164,6 +164,7 @@ def run_models(
                 lens_s=round(value["timings"]["lens_s"], 3),
                 parity_max_abs=value["parity"]["max_abs_lens_minus_model_logits"],
                 parity_max_kl_bits=value["parity"]["max_kl_model_to_lens_bits"],
+                prompt_failures=value.get("prompt_failures") or None,
                 artefacts=files,
             )
     except KeyboardInterrupt:

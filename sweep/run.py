@@ -169,6 +169,10 @@ def _summary_table(ledger: Ledger) -> str:
         detail = e.get("error") or (
             f"parity {e['parity_max_abs']:.1e}" if "parity_max_abs" in e else ""
         )
+        if e.get("prompt_failures"):
+            refused = [f["prompt_id"] for f in e["prompt_failures"]]
+            detail += f"; {len(refused)} prompt(s) refused (longer than the context): "
+            detail += ", ".join(refused[:5]) + (" ..." if len(refused) > 5 else "")
         device = str(e.get("device") or "-")
         if e.get("n_gpus", 1) > 1:
             device = f"{e.get('device_kind')} x{e['n_gpus']}"  # a model split over GPUs

@@ -238,3 +238,17 @@ def test_keep_residuals_returns_loadable_safetensors(tiny_actor, smollm2_tok):
         want = torch.stack(hidden.hidden_states[:N_LAYERS])[:, 0]
         torch.testing.assert_close(full[pid][:N_LAYERS], want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(last[pid], full[pid][:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_prompts_longer_than_the_context_are_refused_alone(tiny_actor):
+    base = tiny_actor("qwen2")
+    # A fresh actor, so that its list of failures starts empty.
+    actor = LensActor(ActorConfig(name="tiny-qwen2", source=base.config.source))
+    too_long = PromptSpec("long", " ".join(["Paris"] * 600), "Paris")
+    fine = PromptSpec("fine", "The capital of France is", "Paris")
+    result = actor.run_batch([too_long, fine])
+    assert result.summary.column("prompt_id").to_pylist() == ["fine"]
+    assert actor.run_batch([too_long]).summary.num_rows == 0  # a batch of only refused prompts
+    failures = actor.diagnostics()["prompt_failures"]
+    assert [f["prompt_id"] for f in failures] == ["long", "long"]
+    assert "longer than the model's context of 256" in failures[0]["error"]

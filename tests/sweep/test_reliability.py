@@ -210,3 +210,28 @@ ray.shutdown()
     assert listening  # Ray's own servers are there (see README, "Reliability")
     metrics = [r for r in listening if r[0] == "0.0.0.0" and "DashboardAgent" in r[2]]
     assert metrics == [], listening
+
+
+def test_a_prompt_longer_than_the_context_fails_alone(tmp_path, tiny_checkpoints, capsys):
+    # The tiny checkpoints have a context of 256 tokens; one prompt of ~600 fails by itself.
+    manifest = write_manifest(tmp_path / "m.toml", {"tiny-llama": tiny_checkpoints["llama"]})
+    long_text = " ".join(["Berlin"] * 600)
+    manifest.write_text(
+        manifest.read_text() + f'\n[[prompts]]\nid = "too-long"\ntext = "{long_text}"\n'
+    )
+    out = tmp_path / "results"
+    assert main([str(manifest), "--out", str(out), "--no-progress"]) == 0
+    entry = _ledger(out)["models"]["tiny-llama"]
+    assert entry["status"] == "ok"
+    [failure] = entry["prompt_failures"]
+    assert (
+        failure["prompt_id"] == "too-long"
+        and "longer than the model's context of 256" in (failure["error"])
+    )
+    import pyarrow.parquet as pq
+
+    ids = set(
+        pq.read_table(out / "run-latest" / "prompts-tiny-llama.parquet")["prompt_id"].to_pylist()
+    )
+    assert ids == {"capital-de", "capital-fr", "no-answer"}
+    assert "1 prompt(s) refused (longer than the context): too-long" in capsys.readouterr().out
