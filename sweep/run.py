@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="plan on GPUs/mps that nodes advertise but lack; run those actors on CPU (testing)",
     )
+    p.add_argument(
+        "--prompt-files-anywhere",
+        action="store_true",
+        help="read prompt files outside the manifest's folder (never /proc, /sys, /dev)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -88,7 +93,7 @@ def rerun_command(args: argparse.Namespace) -> str:
         argv += ["--num-cpus", str(args.num_cpus)]
     if args.simulate_missing_devices:
         argv.append("--simulate-missing-devices")
-    if getattr(args, "prompt_files_anywhere", False):
+    if args.prompt_files_anywhere:
         argv.append("--prompt-files-anywhere")
     return shlex.join([*argv, "--rerun-failed"])
 
@@ -308,7 +313,7 @@ def _sweep(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        manifest = load_manifest(args.manifest)
+        manifest = load_manifest(args.manifest, prompt_files_anywhere=args.prompt_files_anywhere)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -198,7 +198,7 @@ BAD = [
         "temperature-0",
         "[sweep]\ntemperatures = [0.0]\n" + MODEL_A + PROMPT_1,
         "[sweep].temperatures",
-        "> 0",
+        "finite and in [0.001, 1000]",
     ),
     ("unknown-prompt-key", VALID + 'dtype = "fp8"\n', "prompts[0]", "unknown key 'dtype'"),
     ("model-dtype", MODEL_A + 'dtype = "fp8"\n' + PROMPT_1, "models[0].dtype", "'fp8'"),
@@ -245,7 +245,12 @@ BAD = [
     ("positions", MODEL_A + PROMPT_1 + 'positions = "first"\n', "prompts[0].positions", "'first'"),
     ("no-models", SWEEP + PROMPT_1, "models", "no [[models]]"),
     ("no-prompts", SWEEP + MODEL_A, "prompts", "no [[prompts]]"),
-    ("bad-model-name", MODEL_A.replace('"a"', '"x/y"') + PROMPT_1, "models[0].name", "file name"),
+    (
+        "bad-model-name",
+        MODEL_A.replace('"a"', '"x/y"') + PROMPT_1,
+        "models[0].name",
+        "does not match",
+    ),
     ("missing-include", 'include = ["nope.toml"]\n' + VALID, "include", "nope.toml"),
     ("include-cycle", 'include = ["bad.toml"]\n' + VALID, "include cycle", "bad.toml"),
 ]

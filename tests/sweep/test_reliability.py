@@ -185,6 +185,9 @@ def test_the_rerun_hint_keeps_out_and_address():
     assert rerun_command(parse_args(["m.toml"])) == (
         "python -m sweep.run m.toml --out results --rerun-failed"
     )
+    assert rerun_command(parse_args(["m.toml", "--prompt-files-anywhere"])).endswith(
+        "--prompt-files-anywhere --rerun-failed"
+    )
 
 
 def test_a_local_run_serves_no_metrics_on_all_interfaces():
