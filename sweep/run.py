@@ -6,6 +6,7 @@ Exit codes: 0 every model ok; 1 some model failed or was skipped; 2 bad input (n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -222,7 +223,9 @@ def run(args: argparse.Namespace, manifest: Manifest) -> int:
                     todo.append(m.name)
                 return _sweep(args, manifest, run_dir, ledger, todo)
             except BaseException as exc:
-                _close_unfinished(ledger, exc, rerun_command(args))
+                # A full disk may refuse this too: the ledger then keeps its last good state.
+                with contextlib.suppress(OSError):
+                    _close_unfinished(ledger, exc, rerun_command(args))
                 raise
         finally:
             import ray
@@ -328,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except OSError as exc:  # the driver's own files (ledger, merged tables): a full disk, say
+        print(
+            f"error: writing the run's files under {args.out} failed ({exc}); finished models' "
+            f"files are kept. Make room or fix the directory, then: {rerun_command(args)}",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             f"interrupted: finished models are kept; resume with: {rerun_command(args)}",

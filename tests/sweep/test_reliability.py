@@ -238,3 +238,46 @@ def test_a_prompt_longer_than_the_context_fails_alone(tmp_path, tiny_checkpoints
     )
     assert ids == {"capital-de", "capital-fr", "no-answer"}
     assert "1 prompt(s) refused (longer than the context): too-long" in capsys.readouterr().out
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount_point = tmp_path / "small-fs"
+    mount_point.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_a_full_disk_fails_cleanly_and_the_run_resumes_once_there_is_room(
+    tmp_path, tiny_checkpoints, small_filesystem, capsys
+):
+    # Leave ~36 KiB free: the run's small files fit, a model's results (residuals kept) do not.
+    filler = small_filesystem / "filler"
+    stat = os.statvfs(small_filesystem)
+    filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 40_000))
+    manifest = write_manifest(tmp_path / "m.toml", {"tiny-llama": tiny_checkpoints["llama"]})
+    manifest.write_text(
+        manifest.read_text().replace("[sweep]\n", "[sweep]\nkeep_residuals = true\n")
+    )
+    out = small_filesystem / "results"
+    argv = [str(manifest), "--out", str(out), "--no-progress", "--num-cpus", "1"]
+    assert main(argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert f"--out {out} --num-cpus 1 --rerun-failed" in errors[0]
+    run = out / "run-latest"
+    Ledger.load(run)  # whatever the disk refused, the ledger on it is whole
+    assert not list(run.glob(".*")) and not list(run.glob("*tiny-llama*"))  # nothing half-written
+    filler.unlink()  # make room, then resume as the message says
+    assert main([*argv, "--rerun-failed"]) == 0
+    assert _ledger(out)["models"]["tiny-llama"]["status"] == "ok"
+    assert (run / "records-tiny-llama.parquet").is_file()
