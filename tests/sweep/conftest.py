@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +28,16 @@ answer = "Paris"
 id = "no-answer"
 text = "Hello there"
 """
+
+
+def reply_json(handler: Any, payload: dict) -> None:
+    """Answer an HTTP request (in a BaseHTTPRequestHandler) with ``payload`` as JSON."""
+    data = json.dumps(payload).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 def write_manifest(path: Path, models: dict[str, Path], top_k: int = 5) -> Path:

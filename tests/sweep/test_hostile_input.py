@@ -20,6 +20,7 @@ from sweep.errors import ManifestError
 from sweep.manifest import load_manifest
 from sweep.prompt_files import PROMPT_FILE_MAX_BYTES
 from sweep.reports.llm import API_KEY_ENV, ChatEndpoint, LLMError
+from tests.sweep.conftest import reply_json
 from tests.sweep.test_manifest import MODEL_A, PROMPT_1, SMOLLM2, _run_bad, _write
 
 VALID_BODY = MODEL_A + PROMPT_1
@@ -291,12 +292,7 @@ class _Recorder(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         _Recorder.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        data = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply_json(self, {"choices": [{"message": {"content": "ok"}}]})
 
     def log_message(self, *args: object) -> None:
         pass

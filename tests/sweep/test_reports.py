@@ -18,6 +18,7 @@ from sweep.reports.data import load_run
 from sweep.reports.markdown import fmt, tok
 from sweep.reports.model_report import _quantitative
 from sweep.reports.plots import DPI, cross_figsize, entropy_answer_figsize, heatmap_figsize
+from tests.sweep.conftest import reply_json
 
 GOOD = ("tiny-gemma2", "tiny-llama")
 SECTIONS = (
@@ -139,12 +140,7 @@ class _ChatServer(BaseHTTPRequestHandler):
         answer = {
             "choices": [{"message": {"role": "assistant", "content": f"Reviewed: {first_line}"}}]
         }
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply_json(self, answer)
 
     def log_message(self, *args: object) -> None:
         pass
