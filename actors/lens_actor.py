@@ -99,6 +99,7 @@ class LensActor:
         self.dtype = (
             DTYPES[config.dtype] if config.dtype else default_dtype(self.device.type, self.facts)
         )
+        self.dtype_name = str(self.dtype).removeprefix("torch.")  # as the parity bounds key it
         devices = config.devices if self.simulated_device is None else ()
         self.weight_devices = [check_device(d) for d in devices] or [self.device]
         device_map = weight_device_map(hf_config, devices, self.device)
@@ -319,7 +320,7 @@ class LensActor:
 
     def _check_parity(self, batch: TokenisedBatch, parity: ParityStats) -> None:
         """The dtype-scaled parity gate (lens_kernel.parity); overflow is named as such."""
-        dtype = str(self.dtype).removeprefix("torch.")
+        dtype = self.dtype_name
         finite = parity.model_finite
         if not bool(finite.all()):
             bad = [p.id for p, ok in zip(batch.prompts, finite.tolist(), strict=True) if not ok]
@@ -342,11 +343,13 @@ class LensActor:
             i = int(failed.nonzero()[0, 0])
             raise ParityError(
                 f"{self.config.name}: lens at the last layer does not reproduce the model's "
-                f"output on prompt {batch.prompts[i].id!r}: KL(model || lens) = "
-                f"{float(parity.kl_bits[i]):.3g} bits (bound {KL_BOUND_BITS[dtype]:g} in {dtype}), "
-                f"top-1 {'agrees' if bool(parity.top1_agree[i]) else 'differs'}, max |diff| "
-                f"{float(parity.max_abs[i]):.3g}; the final norm or unembedding is not applied "
-                f"as the model does ({self.facts.family}); please report it"
+                f"output on prompt {batch.prompts[i].id!r} in {dtype}: max |diff| "
+                f"{float(parity.max_abs[i]):.3g} = {float(parity.relative_error(dtype)[i]):.3g} "
+                f"eps x scale (bound {REL_BOUND[dtype]:g}), KL(model || lens) "
+                f"{float(parity.kl_bits[i]):.3g} bits (bound {KL_BOUND_BITS[dtype]:g}), top-1 "
+                f"{'agrees' if bool(parity.top1_agree[i]) else 'differs'}; the final norm or "
+                f"unembedding is not applied as the model does ({self.facts.family}); please "
+                "report it"
             )
 
     def _temperature(
@@ -397,7 +400,7 @@ class LensActor:
         """A JSON-able record of what was loaded, how the lens ran, and its self-checks."""
         cfg = self.bridge.cfg
         n_params = sum(p.numel() for p in self.bridge.original_model.parameters())
-        dtype = str(self.dtype).removeprefix("torch.")
+        dtype = self.dtype_name
         return {
             "schema_version": SCHEMA_VERSION,
             "model": self.config.name,
@@ -423,7 +426,7 @@ class LensActor:
             "lens": self.config.lens,
             "final_logit_softcap": self.unembed.softcap,
             "dtype": {
-                "compute": str(self.dtype).removeprefix("torch."),
+                "compute": self.dtype_name,
                 "lens_norm": "float32",
                 "unembed": "float32",
             },

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from bench.lens_bench import floor_pass
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_DIR = REPO / "bench" / "shapes"
 ALL_MANIFEST = REPO / "manifests" / "all.toml"
@@ -201,25 +203,6 @@ def forward_only(actor: Any, prompts: list[Any]) -> torch.Tensor:
         )
 
 
-def floor(actor: Any, prompts: list[Any]) -> torch.Tensor:
-    """Hooked forward + lens norm + one float32 matmul of every decoded row (no metrics)."""
-    from actors.prompts import tokenise
-    from lens_kernel import apply_norm
-
-    batch = tokenise(actor.tokenizer, prompts, actor.bos_id, actor.pad_id, actor.n_ctx)
-    all_positions = prompts[0].positions == "all"
-    with torch.inference_mode():
-        _, resid = actor._forward(batch, all_positions=all_positions)
-        if all_positions:
-            real = batch.attention_mask.bool().to(resid.device)
-            resid = torch.stack([r[real] for r in resid])  # [layers, rows, d]
-        keep = actor.config.keep_layernorm_bias
-        normed = torch.stack(
-            [apply_norm(r, s, keep) for r, s in zip(resid, actor.norm_plan, strict=True)]
-        )
-        return normed.reshape(-1, normed.shape[-1]) @ actor.unembed.W_U
-
-
 class HostAnonPeak:
     """Peak anonymous host memory (RssAnon) of this process while the block runs, sampled.
 
@@ -339,7 +322,7 @@ def check_shape(
         lens_s, first = median_time(lambda p=prompts: actor.run_batch(p), dev, repeats)
         again = actor.run_batch(prompts)
         peak = peak_bytes(dev)
-        floor_s, _ = median_time(lambda p=prompts: floor(actor, p), dev, repeats)
+        floor_s, _ = median_time(lambda p=prompts: floor_pass(actor, p), dev, repeats)
         fwd_s, _ = median_time(lambda p=prompts: forward_only(actor, p), dev, repeats)
         est = estimate_peak_bytes(shape, res.dtype, batch, int(tok.input_ids.shape[1]))
         equal = first.records.equals(again.records) and first.summary.equals(again.summary)

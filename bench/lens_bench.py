@@ -61,17 +61,21 @@ def lens_pass(actor: Any, prompts: list[Any]) -> Any:
 
 
 def floor_pass(actor: Any, prompts: list[Any]) -> torch.Tensor:
-    """(b) Hooked forward + lens norm + one float32 matmul; logits [layers * rows, vocab]."""
+    """(b) Hooked forward + lens norm + one float32 matmul of every row the lens decodes (all
+    real positions, or the next-token one for a "next" batch); logits [layers * rows, vocab]."""
     from actors.prompts import tokenise
     from lens_kernel import apply_norm
 
     batch = tokenise(actor.tokenizer, prompts, actor.bos_id, actor.pad_id, actor.n_ctx)
     keep_bias = actor.config.keep_layernorm_bias
+    all_positions = prompts[0].positions == "all"
     with torch.inference_mode():
-        _, resid = actor._forward(batch, all_positions=True)  # [layers, B, T, d_model]
-        real = batch.attention_mask.bool().to(resid.device)  # [B, T]
+        _, resid = actor._forward(batch, all_positions=all_positions)  # [layers, B, (T,) d]
+        if all_positions:
+            real = batch.attention_mask.bool().to(resid.device)  # [B, T]
+            resid = torch.stack([r[real] for r in resid])  # [layers, rows, d_model]
         normed = torch.stack(
-            [apply_norm(resid[i][real], spec, keep_bias) for i, spec in enumerate(actor.norm_plan)]
+            [apply_norm(r, spec, keep_bias) for r, spec in zip(resid, actor.norm_plan, strict=True)]
         )  # [layers, rows, d_model], rows = real (prompt, position) pairs
         return normed.reshape(-1, normed.shape[-1]) @ actor.unembed.W_U
 

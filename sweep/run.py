@@ -99,18 +99,19 @@ def rerun_command(args: argparse.Namespace) -> str:
     return shlex.join([*argv, "--rerun-failed"])
 
 
-def _open_run(args: argparse.Namespace, manifest: Manifest) -> tuple[Path, Ledger]:
-    if not args.rerun_failed:
+def _open_run(
+    args: argparse.Namespace, manifest: Manifest, previous: Ledger | None
+) -> tuple[Path, Ledger]:
+    """A fresh run-latest (the old one rotated aside), or the previous run's, to rerun."""
+    if previous is None:
         try:
             run_dir = _rotate(args.out)
         except OSError as exc:
             raise RunDirError(f"{args.out}: cannot create the run directory: {exc}") from None
         return run_dir, Ledger.create(run_dir, str(manifest.path))
-    run_dir = args.out / LATEST
-    ledger = Ledger.load(run_dir)  # checked before anything is changed: RunDirError if damaged
-    ledger.data["runs"] = ledger.data.get("runs", 1) + 1
-    ledger.save()
-    return run_dir, ledger
+    previous.data["runs"] = previous.data.get("runs", 1) + 1
+    previous.save()
+    return args.out / LATEST, previous
 
 
 def _actor_config(manifest: Manifest, name: str) -> ActorConfig:
@@ -203,13 +204,13 @@ def run(args: argparse.Namespace, manifest: Manifest) -> int:
 
     _check_out(args)
     with RunLock(args.out):
-        if args.rerun_failed:
-            Ledger.load(args.out / LATEST)  # a damaged ledger: one line, exit 2, nothing changed
+        # A damaged ledger is one line, exit 2, before anything is connected or changed.
+        previous = Ledger.load(args.out / LATEST) if args.rerun_failed else None
         # Connect before touching the results root, so a cluster that cannot be reached leaves
         # the previous run-latest where it was.
         cluster = connect(args.address, args.num_cpus)
         try:
-            run_dir, ledger = _open_run(args, manifest)
+            run_dir, ledger = _open_run(args, manifest, previous)
             try:
                 ledger.data["cluster"] = cluster
                 write_json(run_dir / "manifest.resolved.json", manifest.resolved())

@@ -215,3 +215,48 @@ def test_gemma2_final_logit_softcap_is_applied(tiny_actor):
     assert actor.hf_config.attn_logit_softcapping == 50.0
     x = 100.0 * torch.randn(3, actor.bridge.cfg.d_model, generator=torch.Generator().manual_seed(0))
     assert float(actor.unembed(x).abs().max()) <= 30.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_a_lens_with_a_wrong_final_norm_fails_the_parity_gate(tiny_checkpoints, arch):
+    # The gate as the actor applies it: drop the final norm's weight (Gemma: its (1 + w) offset)
+    # and every batch must raise ParityError naming the error in eps x scale.
+    from dataclasses import replace
+
+    from actors import ActorConfig, LensActor, ModelSource
+    from actors.errors import ParityError
+
+    actor = LensActor(
+        ActorConfig(name=f"tiny-{arch}", source=ModelSource(hf=str(tiny_checkpoints[arch])))
+    )
+    healthy = actor.measure_parity(PROMPTS)
+    assert (healthy.relative_error("float32") < 64).all()
+    own = actor.final_norm
+    broken = replace(own, weight_offset=0.0) if own.weight_offset else replace(own, weight=None)
+    stats = actor.measure_parity(PROMPTS, broken)
+    assert (stats.relative_error("float32") > 64).all() and (stats.kl_bits > 1e-5).all()
+    actor.final_norm = broken  # the reference the gate compares against
+    with pytest.raises(ParityError, match=r"eps x scale \(bound 64\).*please report it"):
+        actor.run_batch(PROMPTS)
+
+
+def test_bench_parity_dtypes_passes_the_own_norm_and_catches_a_dropped_one(
+    tiny_checkpoints, tmp_path
+):
+    # The measurement behind README's parity table, on a tiny checkpoint in all three dtypes.
+    from bench.parity_dtypes import measure
+
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(
+        f'[[models]]\nname = "tiny-gemma2"\nid = "{tiny_checkpoints["gemma2"]}"\n'
+        '[[prompts]]\nid = "a"\ntext = "The capital of France is"\nanswer = "Paris"\n'
+        '[[prompts]]\nid = "b"\ntext = "Hello there"\n'
+    )
+    rows = measure(manifest, "cpu")
+    assert {(r["dtype"], r["lens"]) for r in rows} == {
+        (d, lens)
+        for d in ("float32", "bfloat16", "float16")
+        for lens in ("own final norm", "norm weight dropped", "(1 + w) offset dropped")
+    }
+    for r in rows:
+        assert r["gate_fails"] == ("0/2" if r["ok"] else "2/2"), r

@@ -58,7 +58,7 @@ def test_tiny_device_check_on_cpu_passes_every_check(tmp_path, tokenizer_dir):
     out = tmp_path / "check.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.device_check", "--device", "cpu", "--tiny",
-         "--work", str(tmp_path / "work"), "--json", str(out)],
+         "--split", "cpu", "--work", str(tmp_path / "work"), "--json", str(out)],
         cwd=REPO_ROOT, env=_env(tokenizer_dir), capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -73,6 +73,8 @@ def test_tiny_device_check_on_cpu_passes_every_check(tmp_path, tokenizer_dir):
         ]  # fmt: skip
         assert all(r["rerun_equal"] and r["lens_s"] > 0 for r in shape["rows"])
         assert shape["parity_max_kl_bits"] <= 1e-5
+        # The multi-device path: blocks split over two (CPU) devices agree with the whole model.
+        assert shape["checks"]["split top-1 agrees"] and shape["split"].startswith("cpu: top-1 ")
     assert "7/7 ok on ['cpu']" in result["sweep"]
     assert result["failed"] == []
     # The table a user reads, one row per shape and batch.

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lens_kernel import REL_BOUND, parity_failures, parity_stats
+from lens_kernel import KL_BOUND_BITS, REL_BOUND, parity_failures, parity_stats
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 
@@ -55,6 +55,8 @@ def test_a_lens_that_misses_a_norm_scale_fails(dtype):
     # KL alone would let a 0.8 temperature pass in bfloat16; the error at the logits' scale
     # does not.
     assert (stats.relative_error(dtype) > REL_BOUND[dtype]).all()
+    if dtype == "bfloat16":
+        assert (stats.kl_bits <= KL_BOUND_BITS[dtype]).any()
 
 
 def test_a_flipped_top1_with_a_clear_margin_fails():
