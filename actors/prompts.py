@@ -19,7 +19,12 @@ class PromptSpec:
     text: str
     answer: str | None = None
     positions: Positions = "next"
-    role: str = "test"  # "primary" for the prompt the seed-layout CSVs show
+    # "primary" (the prompt the seed-layout CSVs show), "test", "control" (same template, another
+    # fact: its answer must beat ``foil``) or "ablation" (a variant of ``reference``).
+    role: str = "test"
+    reference: str | None = None  # the prompt a control or ablation is read against
+    foil: str | None = None  # control only: the reference prompt's answer, which should lose
+    suite: str | None = None  # facts sharing one template, summarised together
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class TokenisedBatch:
     attention_mask: torch.Tensor  # [B, T] int64, 1 on real tokens
     lengths: torch.Tensor  # [B] int64, real tokens per prompt
     answer_ids: torch.Tensor  # [B] int64, gold first-token id, -1 if none
+    foil_ids: torch.Tensor  # [B] int64, a control prompt's foil first-token id, -1 if none
 
     @property
     def next_pos(self) -> torch.Tensor:
@@ -80,11 +86,13 @@ def tokenise(
 
     rows: list[list[int]] = []
     answers: list[int] = []
+    foils: list[int] = []
     for p in prompts:
         ids = tokenizer(p.text, add_special_tokens=False)["input_ids"]
         answers.append(
             -1 if p.answer is None else answer_token_id(tokenizer, ids, p.text, p.answer)
         )
+        foils.append(-1 if p.foil is None else answer_token_id(tokenizer, ids, p.text, p.foil))
         full = ([bos_id] if bos_id is not None else []) + list(ids)
         if not full:
             raise ValueError(f"prompt {p.id!r} tokenises to nothing")
@@ -101,5 +109,10 @@ def tokenise(
         attention[i, : len(r)] = 1
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     return TokenisedBatch(
-        prompts, input_ids, attention, lengths, torch.tensor(answers, dtype=torch.long)
+        prompts,
+        input_ids,
+        attention,
+        lengths,
+        torch.tensor(answers, dtype=torch.long),
+        torch.tensor(foils, dtype=torch.long),
     )

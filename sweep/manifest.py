@@ -12,7 +12,7 @@ import importlib.util
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class SweepOptions:
     prepend_bos: bool = _LENS_DEFAULTS["prepend_bos"]
     keep_layernorm_bias: bool = _LENS_DEFAULTS["keep_layernorm_bias"]
     keep_residuals: bool = _LENS_DEFAULTS["keep_residuals"]
+    audit: bool = _LENS_DEFAULTS["audit"]
     max_seq_len: int = 256  # for memory estimates only; prompts are never cut
 
 
@@ -102,7 +103,10 @@ _TOP_KEYS = ("include", "sweep", "models", "prompts")
 _SWEEP_KEYS = tuple(SweepOptions.__dataclass_fields__)
 _MODEL_KEYS = ("name", "id", "gguf", "dtype", "device", "revision", "trust_remote_code")
 _GGUF_KEYS = ("package", "file")
-_PROMPT_KEYS = ("id", "text", "file", "answer", "positions", "primary")
+_ROLE_KEYS = ("role", "control_of", "ablation_of", "suite")  # roles, references, suites
+_PROMPT_KEYS = ("id", "text", "file", "answer", "positions", "primary", *_ROLE_KEYS)
+# Roles a prompt may name; "primary" comes from primary = true, "ablation" from ablation_of.
+_EXPLICIT_ROLES = ("test", "control")
 
 
 def _fail(path: Path, where: str, message: str) -> ManifestError:
@@ -186,7 +190,7 @@ def _parse_sweep(path: Path, table: Any, base: dict[str, Any]) -> dict[str, Any]
             _typed(path, where, value, int, "an integer")
         elif key in ("copy_threshold", "copy_margin"):
             value = float(_typed(path, where, value, (int, float), "a number"))
-        elif key in ("prepend_bos", "keep_layernorm_bias", "keep_residuals"):
+        elif key in ("prepend_bos", "keep_layernorm_bias", "keep_residuals", "audit"):
             _typed(path, where, value, bool, "true or false")
         elif key == "temperatures":
             _typed(path, where, value, list, "a list of numbers")
@@ -313,7 +317,125 @@ def _parse_prompt(path: Path, i: int, table: Any, root: Path | None) -> tuple[Pr
     if positions not in ("all", "next"):
         raise _fail(path, f"{where}.positions", f"must be 'all' or 'next', got {positions!r}")
     primary = _typed(path, f"{where}.primary", table.get("primary", False), bool, "true or false")
-    return PromptSpec(id=pid, text=text, answer=answer, positions=positions), primary
+    role = _typed(path, f"{where}.role", table.get("role", "test"), str, "a string")
+    if role not in _EXPLICIT_ROLES:
+        raise _fail(
+            path,
+            f"{where}.role",
+            f"must be 'test' or 'control', got {role!r} (mark the primary with primary = true, "
+            'an ablation with ablation_of = "<prompt id>")',
+        )
+    refs = {k: table.get(k) for k in ("control_of", "ablation_of")}
+    for key, ref in refs.items():
+        if ref is not None:
+            _typed(path, f"{where}.{key}", ref, str, "a prompt id")
+    if refs["ablation_of"] is not None and "role" in table:
+        raise _fail(
+            path,
+            f"{where}.ablation_of",
+            f"ablation_of makes the prompt an ablation, so it cannot also have role = {role!r}: "
+            "drop one of them",
+        )
+    if refs["control_of"] is not None and role != "control":
+        raise _fail(
+            path, f"{where}.control_of", 'only a control has control_of: add role = "control"'
+        )
+    if primary and (role == "control" or refs["ablation_of"] is not None):
+        what = "a control" if role == "control" else "an ablation"
+        raise _fail(
+            path,
+            f"{where}.primary",
+            f"{what} is read against another prompt, so it cannot be the primary: drop primary = true",
+        )
+    if role == "control" and answer is None:
+        raise _fail(
+            path,
+            f"{where}.answer",
+            "a control needs an answer (its own fact, which should beat the reference's): "
+            'give answer = "..."',
+        )
+    suite = table.get("suite")
+    if suite is not None:
+        _typed(path, f"{where}.suite", suite, str, "a string")
+        _check_name(path, f"{where}.suite", suite, "suite name")
+    spec = PromptSpec(
+        id=pid,
+        text=text,
+        answer=answer,
+        positions=positions,
+        role="ablation" if refs["ablation_of"] is not None else role,
+        reference=refs["ablation_of"] if refs["control_of"] is None else refs["control_of"],
+        suite=suite,
+    )
+    return spec, primary
+
+
+def _resolve_roles(
+    parsed: list[tuple[PromptSpec, Path, int]], primary_id: str
+) -> tuple[PromptSpec, ...]:
+    """Final roles; each control's or ablation's reference checked, and a control's foil set."""
+    by_id = {s.id: s for s, _, _ in parsed}
+    resolved = []
+    for s, path, i in parsed:
+        ref, foil = s.reference, None
+        if s.role in ("control", "ablation"):
+            # A control without control_of is read against the primary.
+            key = f"prompts[{i}].{s.role}_of" if ref is not None else f"prompts[{i}].role"
+            ref = primary_id if ref is None else ref
+            target = by_id.get(ref)
+            if target is None:
+                close = difflib.get_close_matches(ref, list(by_id), n=3, cutoff=0.6)
+                hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+                raise _fail(
+                    path,
+                    key,
+                    f"no prompt has the id {_shown(ref)}{hint}: "
+                    "name a prompt of this manifest or of its includes",
+                )
+            if target is s:
+                raise _fail(path, key, "a prompt cannot be read against itself: name another")
+            if target.role != "test":  # roles are not final yet: primary is still "test"
+                raise _fail(
+                    path,
+                    key,
+                    f"{_shown(ref)} is itself read against another prompt (its role is "
+                    f"{target.role}; no chains): name the prompt that it is read against",
+                )
+            if s.role == "control":
+                shown = (
+                    _shown(ref) if s.reference is not None else f"the primary prompt {_shown(ref)}"
+                )
+                if target.answer is None:
+                    raise _fail(
+                        path,
+                        key,
+                        f"the control's reference, {shown}, has no answer to use as its foil: "
+                        "give it an answer, or name another prompt with control_of",
+                    )
+                if s.answer is not None and s.answer.strip() == target.answer.strip():
+                    raise _fail(
+                        path,
+                        f"prompts[{i}].answer",
+                        f"the control's answer {s.answer!r} is also the answer of {shown}, "
+                        "so nothing can lose: a control needs another fact",
+                    )
+                foil = target.answer
+        role = "primary" if s.id == primary_id else s.role
+        resolved.append(replace(s, role=role, reference=ref, foil=foil))
+    suites: dict[str, list[tuple[Path, int]]] = {}
+    for s, path, i in parsed:
+        if s.suite is not None:
+            suites.setdefault(s.suite, []).append((path, i))
+    for name, members in suites.items():
+        if len(members) < 2:
+            ((path, i),) = members
+            raise _fail(
+                path,
+                f"prompts[{i}].suite",
+                f"suite {_shown(name)} has only this prompt, so it has no spread: "
+                "tag at least one more prompt with it, or drop suite",
+            )
+    return tuple(resolved)
 
 
 def _collect(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], list, list, list[str]]:
@@ -363,14 +485,14 @@ def load_manifest(path: str | Path, *, prompt_files_anywhere: bool = False) -> M
     _check_options(path, options)
     models = [_parse_model(p, i, t) for p, i, t in raw_models]
     root = None if prompt_files_anywhere else path.resolve().parent
-    parsed = [(_parse_prompt(p, i, t, root), p, i) for p, i, t in raw_prompts]
+    parsed = [(*_parse_prompt(p, i, t, root), p, i) for p, i, t in raw_prompts]
     if not models:
         raise _fail(path, "models", "the manifest lists no [[models]]")
     if not parsed:
         raise _fail(path, "prompts", "the manifest lists no [[prompts]]")
     for kind, names in (
         ("model name", [m.name for m in models]),
-        ("prompt id", [s.id for (s, _), _, _ in parsed]),
+        ("prompt id", [s.id for s, _, _, _ in parsed]),
     ):
         # Ignoring case: "Llama" and "llama" would share files on macOS and Windows.
         spellings: dict[str, list[str]] = {}
@@ -383,14 +505,19 @@ def load_manifest(path: str | Path, *, prompt_files_anywhere: bool = False) -> M
                 "models" if kind == "model name" else "prompts",
                 f"duplicate {kind}(s): {', '.join(dupes)} (compared ignoring case)",
             )
-    primaries = [s.id for (s, primary), _, _ in parsed if primary]
+    primaries = [s.id for s, primary, _, _ in parsed if primary]
     if len(primaries) > 1:
         raise _fail(path, "prompts", f"more than one prompt marked primary: {', '.join(primaries)}")
-    primary_id = primaries[0] if primaries else parsed[0][0][0].id
-    prompts = tuple(
-        PromptSpec(s.id, s.text, s.answer, s.positions, "primary" if s.id == primary_id else "test")
-        for (s, _), _, _ in parsed
-    )
+    # By default the first prompt that is read on its own (not a control or an ablation).
+    plain = [s.id for s, _, _, _ in parsed if s.role == "test"]
+    if not primaries and not plain:
+        raise _fail(
+            path,
+            "prompts",
+            "every prompt is a control or an ablation: add one that is read on its own",
+        )
+    primary_id = primaries[0] if primaries else plain[0]
+    prompts = _resolve_roles([(s, p, i) for s, _, p, i in parsed], primary_id)
     return Manifest(
         path=path.resolve(),
         options=options,

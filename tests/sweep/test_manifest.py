@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import ModelSource
+from actors import ModelSource, PromptSpec
 from sweep.errors import ManifestError
 from sweep.manifest import SweepOptions, load_manifest
 from sweep.run import main
@@ -23,6 +23,7 @@ MODEL_A = f'[[models]]\nname = "a"\n{SMOLLM2}\n'
 MODEL_B = f'[[models]]\nname = "b"\n{SMOLLM2}\n'
 PROMPT_1 = '[[prompts]]\nid = "p1"\ntext = "The capital of Germany is"\nanswer = "Berlin"\n'
 PROMPT_2 = '[[prompts]]\nid = "p2"\ntext = "Berlin is the capital of"\n'
+PROMPT_3 = '[[prompts]]\nid = "p3"\ntext = "The capital of France is"\nanswer = "Paris"\n'
 VALID = SWEEP + MODEL_A + PROMPT_1
 
 
@@ -48,7 +49,7 @@ def test_all_toml_loads_the_seed_sweep() -> None:
     assert len(m.models) == 7
     assert [e.name for e in m.models][:2] == ["Meta-Llama-3-8B", "Mistral-7B-v0.1"]
     assert all(e.source.hf is not None for e in m.models)
-    assert len(m.prompts) == 15
+    assert len(m.prompts) == 17
     first = m.prompts[0]
     assert (first.id, first.role, first.positions, first.answer) == (
         "capital-de",
@@ -56,7 +57,9 @@ def test_all_toml_loads_the_seed_sweep() -> None:
         "all",
         "Berlin",
     )
-    assert [p.role for p in m.prompts[1:]] == ["test"] * 14
+    roles = {p.id: p.role for p in m.prompts}
+    assert (roles.pop("test-10"), roles.pop("capital-de-no-filler")) == ("control", "ablation")
+    assert [r for r in roles.values() if r != "primary"] == ["test"] * 14
     assert m.options.name == "all"
     assert m.sources[-1] == str((REPO / "manifests" / "all.toml").resolve())
     assert len(m.sources) == 2  # the prompts file, then all.toml
@@ -66,9 +69,27 @@ def test_demo_toml_loads_two_packaged_ggufs() -> None:
     m = load_manifest(REPO / "manifests" / "demo.toml")
     assert [e.name for e in m.models] == ["SmolLM2-135M-Instruct", "gemma-3-270m"]
     assert all(e.source.gguf_package and e.source.gguf_file for e in m.models)
-    assert len(m.prompts) == 15
+    assert len(m.prompts) == 17
     assert (m.prompts[0].role, m.prompts[0].positions) == ("primary", "all")
     assert m.options.name == "demo"
+
+
+def test_demo_toml_has_a_control_an_ablation_and_the_capitals_suite() -> None:
+    prompts = {p.id: p for p in load_manifest(REPO / "manifests" / "demo.toml").prompts}
+    control = prompts["test-10"]
+    assert (control.role, control.reference, control.answer, control.foil) == (
+        "control",
+        "capital-de",
+        "Paris",
+        "Berlin",
+    )
+    ablation = prompts["capital-de-no-filler"]
+    assert (ablation.role, ablation.reference, ablation.foil) == ("ablation", "capital-de", None)
+    assert ablation.text == prompts["capital-de"].text.removesuffix(" simply")
+    suite = [p.id for p in prompts.values() if p.suite == "capitals"]
+    assert suite == ["capital-de", "test-10", "test-11", "test-12", "test-15"]
+    assert prompts["test-15"].answer == "Ottawa"
+    assert sum(p.foil is not None for p in prompts.values()) == 1  # only the control has a foil
 
 
 # ---- composition, files and defaults ----------------------------------------------------------
@@ -151,6 +172,99 @@ def test_primary_may_be_any_prompt(tmp_path: Path) -> None:
         _write(tmp_path / "m.toml", MODEL_A + PROMPT_1 + PROMPT_2 + "primary = true\n")
     )
     assert [p.role for p in m.prompts] == ["test", "primary"]
+
+
+def test_roles_references_foils_and_suites(tmp_path: Path) -> None:
+    text = (
+        MODEL_A
+        + PROMPT_1
+        + 'suite = "caps"\n'
+        + PROMPT_3
+        + 'role = "control"\nsuite = "caps"\n'
+        + '[[prompts]]\nid = "p4"\ntext = "The capital of Germany is called"\n'
+        + 'ablation_of = "p1"\n'
+        + '[[prompts]]\nid = "p5"\ntext = "Paris is the capital of"\nanswer = "France"\n'
+        + '[[prompts]]\nid = "p6"\ntext = "Rome is the capital of"\nanswer = "Italy"\n'
+        + 'role = "control"\ncontrol_of = "p5"\n'
+        + '[[prompts]]\nid = "p7"\ntext = "Tokyo is in"\nrole = "test"\n'
+    )
+    m = load_manifest(_write(tmp_path / "m.toml", text))
+    t1, t3, t4 = (
+        "The capital of Germany is",
+        "The capital of France is",
+        "The capital of Germany is called",
+    )
+    assert m.prompts == (
+        PromptSpec("p1", t1, "Berlin", "next", "primary", suite="caps"),
+        PromptSpec(
+            "p3", t3, "Paris", "next", "control", reference="p1", foil="Berlin", suite="caps"
+        ),
+        PromptSpec("p4", t4, None, "next", "ablation", reference="p1"),
+        PromptSpec("p5", "Paris is the capital of", "France"),
+        PromptSpec("p6", "Rome is the capital of", "Italy", "next", "control", "p5", "France"),
+        PromptSpec("p7", "Tokyo is in"),
+    )
+    resolved = m.resolved()["prompts"][1]
+    assert (resolved["role"], resolved["reference"], resolved["foil"], resolved["suite"]) == (
+        "control",
+        "p1",
+        "Berlin",
+        "caps",
+    )
+
+
+def test_references_cross_includes_both_ways(tmp_path: Path) -> None:
+    _write(
+        tmp_path / "inc" / "base.toml",
+        PROMPT_1 + '[[prompts]]\nid = "inc-ab"\ntext = "Germany is"\nablation_of = "p2"\n',
+    )
+    top = _write(
+        tmp_path / "top.toml",
+        'include = ["inc/base.toml"]\n'
+        + MODEL_A
+        + PROMPT_3
+        + 'role = "control"\ncontrol_of = "p1"\n'
+        + PROMPT_2,
+    )
+    m = load_manifest(top)
+    assert [(p.id, p.role, p.reference, p.foil) for p in m.prompts] == [
+        ("p1", "primary", None, None),
+        ("inc-ab", "ablation", "p2", None),
+        ("p3", "control", "p1", "Berlin"),
+        ("p2", "test", None, None),
+    ]
+
+
+def test_default_primary_is_the_first_prompt_read_on_its_own(tmp_path: Path) -> None:
+    text = MODEL_A + PROMPT_3 + 'role = "control"\ncontrol_of = "p1"\n' + PROMPT_1
+    m = load_manifest(_write(tmp_path / "m.toml", text))
+    assert [(p.id, p.role) for p in m.prompts] == [("p3", "control"), ("p1", "primary")]
+
+
+def test_fingerprint_follows_roles_and_suites(tmp_path: Path) -> None:
+    base = VALID + PROMPT_3
+    variants = [
+        base,
+        base + 'role = "control"\n',
+        base + 'ablation_of = "p1"\n',
+        VALID + 'suite = "s"\n' + PROMPT_3 + 'suite = "s"\n',
+    ]
+    prints = set()
+    for n, text in enumerate(variants):
+        m = load_manifest(_write(tmp_path / f"m{n}.toml", text))
+        prints.add(m.fingerprint(m.models[0]))
+    assert len(prints) == len(variants)
+
+
+def test_a_bad_reference_in_an_included_file_names_that_file(tmp_path: Path) -> None:
+    inc = _write(tmp_path / "inc" / "p.toml", PROMPT_3 + 'role = "control"\ncontrol_of = "p11"\n')
+    top = _write(tmp_path / "top.toml", 'include = ["inc/p.toml"]\n' + VALID)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(top)
+    line = str(err.value)
+    assert "\n" not in line
+    assert line.startswith(f"{inc.resolve()}: prompts[0].control_of: ")
+    assert "no prompt has the id 'p11' (did you mean 'p1'?)" in line
 
 
 def test_explicit_model_fields_and_a_gguf_path(tmp_path: Path) -> None:
@@ -253,6 +367,111 @@ BAD = [
     ),
     ("missing-include", 'include = ["nope.toml"]\n' + VALID, "include", "nope.toml"),
     ("include-cycle", 'include = ["bad.toml"]\n' + VALID, "include cycle", "bad.toml"),
+    # prompt roles: control, ablation, suite
+    ("role-primary", VALID + PROMPT_2 + 'role = "primary"\n', "prompts[1].role", "'primary'"),
+    ("role-ablation", VALID + PROMPT_3 + 'role = "ablation"\n', "prompts[1].role", "ablation_of"),
+    ("role-number", VALID + PROMPT_3 + "role = 1\n", "prompts[1].role", "a string"),
+    (
+        "control-without-answer",
+        VALID + PROMPT_2 + 'role = "control"\n',
+        "prompts[1].answer",
+        "a control needs an answer",
+    ),
+    (
+        "control-of-missing",
+        VALID + PROMPT_3 + 'role = "control"\ncontrol_of = "nope"\n',
+        "prompts[1].control_of",
+        "no prompt has the id 'nope'",
+    ),
+    (
+        "ablation-of-missing",
+        VALID + PROMPT_3 + 'ablation_of = "p11"\n',
+        "prompts[1].ablation_of",
+        "did you mean 'p1'",
+    ),
+    (
+        "control-of-itself",
+        VALID + PROMPT_3 + 'role = "control"\ncontrol_of = "p3"\n',
+        "prompts[1].control_of",
+        "itself",
+    ),
+    (
+        "ablation-of-itself",
+        VALID + PROMPT_3 + 'ablation_of = "p3"\n',
+        "prompts[1].ablation_of",
+        "itself",
+    ),
+    (
+        "ablation-of-a-control",
+        VALID + PROMPT_3 + 'role = "control"\n' + PROMPT_2 + 'ablation_of = "p3"\n',
+        "prompts[2].ablation_of",
+        "role is control; no chains",
+    ),
+    (
+        "control-of-an-ablation",
+        VALID
+        + PROMPT_2
+        + 'ablation_of = "p1"\n'
+        + PROMPT_3
+        + 'role = "control"\ncontrol_of = "p2"\n',
+        "prompts[2].control_of",
+        "role is ablation; no chains",
+    ),
+    (
+        "control-of-no-answer",
+        VALID + PROMPT_2 + PROMPT_3 + 'role = "control"\ncontrol_of = "p2"\n',
+        "prompts[2].control_of",
+        "'p2', has no answer",
+    ),
+    (
+        "control-of-primary-without-answer",
+        MODEL_A + PROMPT_2 + PROMPT_3 + 'role = "control"\n',
+        "prompts[1].role",
+        "the primary prompt 'p2', has no answer",
+    ),
+    (
+        "control-answer-is-the-foil",
+        VALID + PROMPT_3.replace("Paris", "Berlin") + 'role = "control"\n',
+        "prompts[1].answer",
+        "nothing can lose",
+    ),
+    (
+        "control-of-without-role",
+        VALID + PROMPT_3 + 'control_of = "p1"\n',
+        "prompts[1].control_of",
+        'add role = "control"',
+    ),
+    (
+        "ablation-and-control",
+        VALID + PROMPT_3 + 'role = "control"\nablation_of = "p1"\n',
+        "prompts[1].ablation_of",
+        "cannot also have role = 'control'",
+    ),
+    (
+        "ablation-and-primary",
+        VALID + PROMPT_3 + 'ablation_of = "p1"\nprimary = true\n',
+        "prompts[1].primary",
+        "an ablation is read against another prompt",
+    ),
+    (
+        "control-and-primary",
+        VALID + PROMPT_3 + 'role = "control"\nprimary = true\n',
+        "prompts[1].primary",
+        "a control is read against another prompt",
+    ),
+    (
+        "only-controls",
+        MODEL_A + PROMPT_3 + 'role = "control"\n',
+        "prompts",
+        "every prompt is a control or an ablation",
+    ),
+    (
+        "one-prompt-suite",
+        VALID + 'suite = "s"\n' + PROMPT_3,
+        "prompts[0].suite",
+        "only this prompt",
+    ),
+    ("suite-name", VALID + 'suite = "a/b"\n', "prompts[0].suite", "does not match"),
 ]
 
 
