@@ -3,6 +3,7 @@
 Imports torch only: no Ray, no Arrow, no files, no tokenizer strings.
 """
 
+from lens_kernel.audit import AuditRows, AuditRule, PromptAudit, artefact_score
 from lens_kernel.collapse import CollapseRule, PromptCollapse, collapse_layers, first_true_layer
 from lens_kernel.lens import LensInputs, LensOutputs, UnembedSpec, decode_rows, lens_pass
 from lens_kernel.metrics import (
@@ -11,6 +12,7 @@ from lens_kernel.metrics import (
     entropy_bits,
     kl_bits,
     next_token_stats,
+    next_token_stats_from_log_probs,
     row_stats,
     temperature_topk,
 )
@@ -29,16 +31,20 @@ __all__ = [
     "KL_BOUND_BITS",
     "LENS_MODES",
     "REL_BOUND",
+    "AuditRows",
+    "AuditRule",
     "CollapseRule",
     "LensInputs",
     "LensOutputs",
     "NextTokenStats",
     "NormSpec",
     "ParityStats",
+    "PromptAudit",
     "PromptCollapse",
     "RowStats",
     "UnembedSpec",
     "apply_norm",
+    "artefact_score",
     "build_norm_plan",
     "collapse_layers",
     "decode_rows",
@@ -47,6 +53,7 @@ __all__ = [
     "kl_bits",
     "lens_pass",
     "next_token_stats",
+    "next_token_stats_from_log_probs",
     "parity_failures",
     "parity_stats",
     "row_stats",

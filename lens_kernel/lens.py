@@ -6,12 +6,22 @@ from dataclasses import dataclass
 
 import torch
 
+from lens_kernel.audit import (
+    AuditRows,
+    AuditRule,
+    PromptAudit,
+    cat_rows,
+    chunk_audit,
+    logit_agreement,
+    prompt_audit,
+    unique_ids,
+)
 from lens_kernel.collapse import CollapseRule, PromptCollapse, collapse_layers
 from lens_kernel.metrics import (
     NextTokenStats,
     RowStats,
     log_prob_stats,
-    next_token_stats,
+    next_token_stats_from_log_probs,
     row_stats,
 )
 from lens_kernel.norms import NormSpec, apply_norm
@@ -90,6 +100,10 @@ class LensInputs:
     positions:  [B, T] bool, which positions of resid_all to decode (real tokens only).
     prompt_ids: [B, T_prompt] int64 token ids, -1 padded (for the copy rule).
     answer_ids: [B] int64 gold first-token ids, -1 where no answer was given.
+    foil_ids:   [B] int64 a control prompt's foil first-token ids, -1 for none (audit only).
+    echo_ids:   [B, T] int64 prompt ids that count as echoes (audit: echo mass, strict copy,
+                geometry), -1 padded; default: prompt_ids. The actor leaves out BOS and
+                whitespace/punctuation-only tokens.
     """
 
     resid_next: torch.Tensor
@@ -97,6 +111,8 @@ class LensInputs:
     answer_ids: torch.Tensor
     resid_all: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    foil_ids: torch.Tensor | None = None
+    echo_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -106,11 +122,14 @@ class LensOutputs:
     all_rows / row_batch / row_layer / row_pos: every requested (prompt, layer, position), ordered
     by prompt, then layer, then position; None for a next-token-only batch.
     next: [layers, B] next-token metrics; final_logits: [B, V] reference logits (see lens_pass).
+    audit / prompt_audit: the lens-artefact audit, when lens_pass ran with one.
     """
 
     next: NextTokenStats
     collapse: PromptCollapse
     final_logits: torch.Tensor
+    audit: AuditRows | None = None
+    prompt_audit: PromptAudit | None = None
     all_rows: RowStats | None = None
     row_batch: torch.Tensor | None = None
     row_layer: torch.Tensor | None = None
@@ -140,12 +159,17 @@ def lens_pass(
     keep_bias: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     final_norm: NormSpec | object | None = _PLAN_LAST,
+    audit: AuditRule | None = None,
+    head_logits: torch.Tensor | None = None,
 ) -> LensOutputs:
     """Decode every requested row of a batch and compute all lens metrics.
 
     ``final_norm`` is the model's own final norm. With it, the reference distribution (the
     target of KL and of the parity check, ``final_logits``) is the model's output, whatever the
     lens mode: last layer -> final norm (bias kept) -> unembed. Default: the plan's last norm.
+    ``audit``: also run the lens-artefact audit on the next-token rows (lens_kernel.audit);
+    ``head_logits`` [B, V] are the model head's own logits for its last-layer consistency
+    check (default: ``final_logits``).
     """
     rule = rule or CollapseRule()
     n_rows_layers, batch, _ = inputs.resid_next.shape
@@ -156,8 +180,10 @@ def lens_pass(
     device = inputs.resid_next.device
     layer_ids = torch.arange(n_rows_layers, device=device)
 
-    # Next-token rows, chunked over prompts so [layers, chunk, V] stays within the budget.
-    per_chunk = max(1, _rows_per_chunk(unembed.d_vocab, chunk_bytes) // n_rows_layers)
+    # Next-token rows, chunked over prompts so [layers, chunk, V] stays within the budget (the
+    # audit holds about twice the buffers: the raw decode and its probabilities).
+    per_chunk = _rows_per_chunk(unembed.d_vocab, chunk_bytes) // (2 if audit else 1)
+    per_chunk = max(1, per_chunk // n_rows_layers)
     if isinstance(final_norm, NormSpec) or final_norm is None:
         final_logits = unembed(apply_norm(inputs.resid_next[-1], final_norm, keep_bias=True))
     else:
@@ -165,31 +191,85 @@ def lens_pass(
             inputs.resid_next[-1], layer_ids[-1].expand(batch), norm_plan, unembed, keep_bias
         )
     final_log_probs = torch.log_softmax(final_logits, dim=-1)
+    if audit is not None:
+        echo_ids = unique_ids(inputs.prompt_ids if inputs.echo_ids is None else inputs.echo_ids)
+        foil_ids = (
+            torch.full_like(inputs.answer_ids, -1) if inputs.foil_ids is None else inputs.foil_ids
+        )
+        head_log_probs = (
+            final_log_probs if head_logits is None else torch.log_softmax(head_logits.float(), -1)
+        )
+        raw_plan: list[NormSpec | None] = [None] * n_rows_layers
     parts: list[NextTokenStats] = []
+    audits: list[AuditRows] = []
     for b0 in range(0, batch, per_chunk):
         b1 = min(batch, b0 + per_chunk)
         resid = inputs.resid_next[:, b0:b1]  # [layers, nb, d]
         flat_layers = layer_ids.repeat_interleave(b1 - b0)
-        logits = decode_rows(
-            resid.reshape(-1, resid.shape[-1]), flat_layers, norm_plan, unembed, keep_bias
-        )
+        flat = resid.reshape(-1, resid.shape[-1])
+        logits = decode_rows(flat, flat_layers, norm_plan, unembed, keep_bias)
         logits = logits.view(n_rows_layers, b1 - b0, -1)
-        parts.append(
-            next_token_stats(
-                logits,
-                final_log_probs[b0:b1],
-                inputs.answer_ids[b0:b1],
-                inputs.prompt_ids[b0:b1],
-                top_k,
-                rule.copy_threshold,
-                rule.copy_margin,
-                rule.entropy_collapse_bits,
-                scratch=logits,  # spent once log-softmaxed: no new [layers, nb, V] buffers
-            )
+        if audit is not None:
+            cos, nonfinite = logit_agreement(logits, final_logits[b0:b1])
+        log_probs = torch.log_softmax(logits, dim=-1)
+        stats, top_logp, top_ids = next_token_stats_from_log_probs(
+            log_probs,
+            final_log_probs[b0:b1],
+            inputs.answer_ids[b0:b1],
+            inputs.prompt_ids[b0:b1],
+            top_k,
+            rule.copy_threshold,
+            rule.copy_margin,
+            rule.entropy_collapse_bits,
+            scratch=logits,  # spent once log-softmaxed: no new [layers, nb, V] buffers
+            top_k_extra=0 if audit is None else audit.jaccard_k,
         )
+        parts.append(stats)
+        if audit is not None:
+            raw = decode_rows(flat, flat_layers, raw_plan, unembed, keep_bias)
+            audits.append(
+                chunk_audit(
+                    log_probs,
+                    raw.view(n_rows_layers, b1 - b0, -1),
+                    logits,
+                    cos,
+                    nonfinite,
+                    head_log_probs[b0:b1],
+                    top_logp,
+                    top_ids,
+                    inputs.answer_ids[b0:b1],
+                    stats.answer_rank,
+                    stats.rows.entropy_bits,
+                    foil_ids[b0:b1],
+                    echo_ids[b0:b1],
+                    audit,
+                )
+            )
     nxt = _cat_next(parts)
     collapse = collapse_layers(nxt.copy_collapse, nxt.entropy_collapse, nxt.is_answer)
     out = LensOutputs(next=nxt, collapse=collapse, final_logits=final_logits)
+    if audit is not None:
+        rows = cat_rows(audits)
+        normed = torch.stack(
+            [apply_norm(inputs.resid_next[i], spec, keep_bias) for i, spec in enumerate(norm_plan)]
+        )
+        out.audit = rows
+        out.prompt_audit = prompt_audit(
+            rows,
+            nxt.answer_prob,
+            nxt.answer_rank,
+            nxt.kl_to_final_bits,
+            nxt.rows.top_ids,
+            nxt.rows.top_probs,
+            collapse.L_semantic,
+            inputs.prompt_ids if inputs.echo_ids is None else inputs.echo_ids,
+            echo_ids,
+            normed,
+            inputs.resid_next,
+            unembed.W_U,
+            inputs.answer_ids,
+            audit,
+        )
     if inputs.resid_all is None:
         return out
 

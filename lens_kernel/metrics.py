@@ -99,11 +99,40 @@ def next_token_stats(
     scratch: an optional float32 buffer shaped like ``logits``, overwritten (may be ``logits``
     itself when the caller is done with them).
     """
-    n_layers, batch, _ = logits.shape
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # [layers, B, V]
-    k = max(top_k, 2)
+    stats, _, _ = next_token_stats_from_log_probs(
+        log_probs,
+        final_log_probs,
+        answer_ids,
+        prompt_ids,
+        top_k,
+        copy_threshold,
+        copy_margin,
+        entropy_collapse_bits,
+        scratch=scratch,
+    )
+    return stats
+
+
+def next_token_stats_from_log_probs(
+    log_probs: torch.Tensor,
+    final_log_probs: torch.Tensor,
+    answer_ids: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    top_k: int,
+    copy_threshold: float,
+    copy_margin: float,
+    entropy_collapse_bits: float = 1.0,
+    scratch: torch.Tensor | None = None,
+    top_k_extra: int = 0,
+) -> tuple[NextTokenStats, torch.Tensor, torch.Tensor]:
+    """``next_token_stats`` from log-probabilities [layers, B, V]; also returns the sorted top
+    max(top_k, 2, top_k_extra) log-probs and ids (the audit reads a top-50 from the same call).
+    """
+    n_layers, batch, _ = log_probs.shape
+    k = min(max(top_k, 2, top_k_extra), log_probs.shape[-1])
     top_logp, top_ids = torch.topk(log_probs, k=k, dim=-1, sorted=True)
-    top_probs = top_logp.exp()
+    top_probs = top_logp[..., : max(top_k, 2)].exp()
     ent = entropy_bits(log_probs, out=scratch)
     rest = (1.0 - top_probs[..., :top_k].sum(dim=-1)).clamp(0.0, 1.0)
     rows = RowStats(ent, top_ids[..., :top_k], top_probs[..., :top_k], rest)
@@ -124,7 +153,8 @@ def next_token_stats(
     copy = in_prompt & (p1 > copy_threshold) & ((p1 - p2) > copy_margin)
     ent_collapse = ent <= entropy_collapse_bits
     is_answer = has_answer.unsqueeze(0) & (top1 == answer_ids.unsqueeze(0))
-    return NextTokenStats(rows, answer_prob, answer_rank, kl, copy, ent_collapse, is_answer)
+    stats = NextTokenStats(rows, answer_prob, answer_rank, kl, copy, ent_collapse, is_answer)
+    return stats, top_logp, top_ids
 
 
 def temperature_topk(logits: torch.Tensor, temperature: float, top_k: int) -> RowStats:
