@@ -33,6 +33,8 @@ class ActorConfig:
     temperatures: tuple[float, ...] = (0.1, 2.0)
     prepend_bos: bool = True
     keep_residuals: bool = False
+    # The lens-artefact audit (lens_kernel/audit.py) on next-token rows; off: its columns are null.
+    audit: bool = True
     chunk_bytes: int = 512 * 2**20
     cache_dir: str = str(DEFAULT_CACHE_DIR)
     # Runs on the CPU when the placed device is absent, and says so in the diagnostics; for

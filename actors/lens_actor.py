@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import platform
+import string
 import time
-from dataclasses import dataclass, field
+import unicodedata
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -33,6 +36,7 @@ from actors.sources import architecture_of, load_config, load_hf, locate
 from lens_kernel import (
     KL_BOUND_BITS,
     REL_BOUND,
+    AuditRule,
     CollapseRule,
     LensInputs,
     NormSpec,
@@ -148,6 +152,11 @@ class LensActor:
         )
         self._check_placement()
         self.rule = CollapseRule(config.copy_threshold, config.copy_margin)
+        self.audit_rule = AuditRule() if config.audit else None
+        # Tokens that never count as an echo of the prompt: special ones (BOS) and, by text,
+        # whitespace- or punctuation-only ones (decided per id on first sight).
+        self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self._echo_ok: dict[int, bool] = {}
         self.bos_id, self.bos_policy = bos_policy(tokenizer, config.prepend_bos)
         pad = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -192,6 +201,8 @@ class LensActor:
                 keep_bias=self.config.keep_layernorm_bias,
                 chunk_bytes=self.config.chunk_bytes,
                 final_norm=self.final_norm,
+                audit=self.audit_rule,
+                head_logits=model_logits,
             )
             parity = parity_stats(model_logits, out.final_logits)
             self._check_parity(batch, parity)
@@ -292,6 +303,8 @@ class LensActor:
         common = {
             "prompt_ids": prompt_ids.to(self.device),
             "answer_ids": batch.answer_ids.to(self.device),
+            "foil_ids": batch.foil_ids.to(self.device),
+            "echo_ids": self._echo_ids(prompt_ids).to(self.device),
         }
         if not all_positions:
             return LensInputs(resid_next=resid, **common)
@@ -307,6 +320,16 @@ class LensActor:
             positions=positions.to(self.device),
             **common,
         )
+
+    def _echo_ids(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Prompt ids [B, T] (-1 padded) with non-echo tokens set to -1 (see __init__)."""
+        for i in torch.unique(prompt_ids).tolist():
+            if i >= 0 and i not in self._echo_ok:
+                text = self.texts(np.array([i])).to_pylist()[0]
+                self._echo_ok[i] = i not in self._special_ids and not _blank_or_punct(text)
+        keep = [i for i, ok in self._echo_ok.items() if ok]
+        eligible = torch.isin(prompt_ids, torch.tensor(keep, dtype=prompt_ids.dtype))
+        return torch.where(eligible, prompt_ids, torch.full_like(prompt_ids, -1))
 
     def _check_placement(self) -> None:
         """Every weight on the placed device(s), every lens tensor on the lens device."""
@@ -446,6 +469,13 @@ class LensActor:
                 "entropy_collapse_bits": self.rule.entropy_collapse_bits,
             },
             "top_k": self.config.top_k,
+            "audit": None
+            if self.audit_rule is None
+            else {
+                **{k: v for k, v in asdict(self.audit_rule).items()},
+                "echo_tokens": "distinct prompt ids; special tokens and whitespace- or "
+                "punctuation-only tokens excluded",
+            },
             "parity": {
                 "max_abs_lens_minus_model_logits": self.parity["max_abs"],
                 "max_kl_model_to_lens_bits": self.parity["max_kl_bits"],
@@ -463,6 +493,14 @@ class LensActor:
             "batches": self.batches_done,
             "versions": _versions(),
         }
+
+
+def _blank_or_punct(text: str) -> bool:
+    """Whitespace or punctuation only (SentencePiece's word marker counts as a space)."""
+    shown = text.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", " ")
+    return all(
+        c.isspace() or c in string.punctuation or unicodedata.category(c)[0] == "P" for c in shown
+    )
 
 
 def _float32_transposed(weight: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -9,8 +9,8 @@ import pyarrow as pa
 import torch
 
 from actors.prompts import TokenisedBatch
-from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA
-from lens_kernel import LensOutputs, RowStats
+from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA, artefact_tier
+from lens_kernel import AuditRule, LensOutputs, RowStats
 
 
 class TokenTexts:
@@ -116,7 +116,61 @@ def records_batch(
         "entropy_collapse": _masked(next_only(out.next.entropy_collapse), is_next, pa.bool_()),
         "is_answer": _masked(next_only(out.next.is_answer), is_next, pa.bool_()),
     }
+    audit = _audit_row_tensors(out, _np(batch.answer_ids))
+    for f in RECORDS_SCHEMA:
+        if f.name in columns:
+            continue
+        if audit is None:
+            columns[f.name] = pa.nulls(b.size, f.type)
+            continue
+        values = next_only(audit[f.name])
+        valid = is_next.copy()
+        if values.dtype.kind == "f":
+            valid &= ~np.isnan(values)
+        elif f.name == "answer_rank_raw":
+            valid &= values >= 0
+        columns[f.name] = _masked(values, valid, f.type)
     return pa.RecordBatch.from_arrays(list(columns.values()), schema=RECORDS_SCHEMA)
+
+
+def _audit_row_tensors(out: LensOutputs, answer_ids: np.ndarray) -> dict[str, torch.Tensor] | None:
+    """The per-(layer, prompt) audit tensors [layers, B] by records column name."""
+    a = out.audit
+    if a is None:
+        return None
+    rule = AuditRule()
+    cols = {
+        "p_top5": a.p_top5,
+        "cos_to_final": a.cos_to_final,
+        "answer_prob_raw": a.answer_prob_raw,
+        "answer_rank_raw": a.answer_rank_raw,
+        "top1_id_raw": a.top1_id_raw,
+        "entropy_raw_bits": a.entropy_raw_bits,
+        "entropy_gap_bits": a.entropy_gap_bits,
+        "kl_norm_raw_bits": a.kl_norm_raw_bits,
+        "js_norm_raw_bits": a.js_norm_raw_bits,
+        "l1_norm_raw": a.l1_norm_raw,
+        "jaccard_top50_raw_norm": a.jaccard_top_raw_norm,
+        "norm_only_semantics": a.norm_only_semantics,
+        "answer_minus_uniform": a.answer_minus_uniform,
+        "answer_logit_gap": a.answer_logit_gap,
+        "semantic_margin_ok": a.semantic_margin_ok,
+        "semantic_strong": a.semantic_strong,
+        "foil_prob": a.foil_prob,
+        "control_margin": out.next.answer_prob - a.foil_prob,  # nan without either
+        "echo_mass": a.echo_mass,
+        "top50_prompt_share": a.top_prompt_share,
+        "cos_resid_answer": a.cos_resid_answer,
+        "cos_resid_prompt_max": a.cos_resid_prompt_max,
+        "nonfinite": a.nonfinite,
+        "resid_norm_ratio": a.resid_norm_ratio,
+    }
+    assert a.copy_strict is not None and a.copy_soft is not None
+    for t, flags in zip(rule.strict_thresholds, a.copy_strict, strict=True):
+        cols[f"copy_strict@{t:g}"] = flags
+    for k, flags in zip(rule.soft_windows, a.copy_soft, strict=True):
+        cols[f"copy_soft_k{k}"] = flags
+    return {k: v for k, v in cols.items() if v is not None}
 
 
 def summary_batch(
@@ -170,4 +224,87 @@ def summary_batch(
         "final_answer_rank": _masked(_np(model_answer_rank), has_answer, pa.int32()),
         "parity_max_abs": pa.array(_np(parity).astype(np.float32)),
     }
-    return pa.RecordBatch.from_arrays(list(columns.values()), schema=PROMPT_SUMMARY_SCHEMA)
+    columns["reference"] = pa.array([p.reference for p in batch.prompts], pa.string())
+    columns["suite"] = pa.array([p.suite for p in batch.prompts], pa.string())
+    foil_ids = _np(batch.foil_ids)
+    foil_text = texts(np.maximum(foil_ids, 0)).to_pylist()
+    columns["foil_token"] = pa.array(
+        [t if f >= 0 else None for t, f in zip(foil_text, foil_ids, strict=True)], pa.string()
+    )
+    columns.update(_prompt_audit_columns(out, n))
+    ordered = [columns[f.name] for f in PROMPT_SUMMARY_SCHEMA]
+    return pa.RecordBatch.from_arrays(ordered, schema=PROMPT_SUMMARY_SCHEMA)
+
+
+def _prompt_audit_columns(out: LensOutputs, n: int) -> dict[str, pa.Array]:
+    """The per-prompt audit fields of PROMPT_SUMMARY_SCHEMA (all null without an audit)."""
+    first = PROMPT_SUMMARY_SCHEMA.get_field_index("foil_token") + 1
+    audit_names = list(PROMPT_SUMMARY_SCHEMA)[first:]
+    pa_ = out.prompt_audit
+    if pa_ is None:
+        return {f.name: pa.nulls(n, f.type) for f in audit_names}
+    rule = AuditRule()
+    sem = _np(out.collapse.L_semantic)
+
+    def layers(t: torch.Tensor | np.ndarray) -> pa.Array:
+        a = t if isinstance(t, np.ndarray) else _np(t)
+        return _masked(a, a >= 0, pa.int16())
+
+    def delta(first_copy: torch.Tensor) -> pa.Array:
+        c = _np(first_copy)
+        return _masked(sem - c, (sem >= 0) & (c >= 0), pa.int16())
+
+    def floats(t: torch.Tensor) -> pa.Array:
+        a = _np(t).astype(np.float32)
+        return _masked(a, np.isfinite(a), pa.float32())
+
+    score = _np(pa_.lens_artefact_score)
+    confirmed = _np(pa_.L_semantic_confirmed)
+    cols: dict[str, pa.Array] = {}
+    for t, first in zip(rule.strict_thresholds, pa_.L_copy_strict, strict=True):
+        cols[f"L_copy_strict@{t:g}"] = layers(first)
+    for k, first in zip(rule.soft_windows, pa_.L_copy_soft, strict=True):
+        cols[f"L_copy_soft_k{k}"] = layers(first)
+    # Against the earliest variant: the loosest threshold / shortest window fires first.
+    cols["delta_layers_strict"] = delta(pa_.L_copy_strict[0])
+    cols["delta_layers_soft"] = delta(pa_.L_copy_soft[0])
+    for c, first in zip(rule.cos_milestones, pa_.L_cos, strict=True):
+        cols[f"L_cos@{c:g}"] = layers(first)
+    for c, first in zip(rule.kl_milestones, pa_.L_kl, strict=True):
+        cols[f"L_kl@{c:.1f}"] = layers(first)
+    for r, first in zip(rule.rank_milestones, pa_.L_rank, strict=True):
+        cols[f"L_rank@{r}"] = layers(first)
+    cols["L_semantic_margin"] = layers(pa_.L_semantic_margin)
+    cols["L_semantic_strong"] = layers(pa_.L_semantic_strong)
+    cols["L_semantic_raw"] = layers(pa_.L_semantic_raw)
+    cols["L_semantic_confirmed"] = layers(confirmed)
+    cols["confirmed_source"] = pa.array(["raw" if c >= 0 else None for c in confirmed], pa.string())
+    for s, m, st in zip(
+        rule.gate_scales, pa_.L_semantic_margin_scaled, pa_.L_semantic_strong_scaled, strict=True
+    ):
+        cols[f"L_semantic_margin@x{s:g}"] = layers(m)
+        cols[f"L_semantic_strong@x{s:g}"] = layers(st)
+    cols["gates_stable"] = pa.array(_np(pa_.gates_stable))
+    cols["L_control_wins"] = layers(pa_.L_control_wins)
+    cols["L_answer_over_echo"] = layers(pa_.L_answer_over_echo)
+    cols["L_geom_crossover"] = layers(pa_.L_geom_crossover)
+    cols["n_norm_only_layers"] = pa.array(_np(pa_.n_norm_only_layers).astype(np.int16))
+    cols["L_norm_only_first"] = layers(pa_.L_norm_only_first)
+    cols["kl_norm_raw_max_bits"] = floats(pa_.kl_norm_raw_max_bits)
+    cols["frac_layers_kl_norm_raw_ge_1"] = floats(pa_.frac_layers_kl_ge_1)
+    cols["frac_layers_kl_norm_raw_ge_0.5"] = floats(pa_.frac_layers_kl_ge_half)
+    cols["js_norm_raw_p50_bits"] = floats(pa_.js_p50_bits)
+    cols["l1_norm_raw_p50"] = floats(pa_.l1_p50)
+    cols["jaccard_top50_p50"] = floats(pa_.jaccard_p50)
+    cols["lens_artefact_score"] = floats(pa_.lens_artefact_score)
+    cols["lens_artefact_tier"] = pa.array([artefact_tier(float(s)) for s in score], pa.string())
+    cols["n_nonfinite_layers"] = pa.array(_np(pa_.n_nonfinite_layers).astype(np.int16))
+    cols["max_resid_norm_ratio"] = floats(pa_.max_resid_norm_ratio)
+    assert out.audit is not None
+    cols["last_kl_lens_to_head_bits"] = floats(out.audit.last_kl_to_head_bits)
+    cols["last_temperature"] = floats(out.audit.last_temperature)
+    cols["last_kl_after_temperature_bits"] = floats(out.audit.last_kl_after_temperature_bits)
+    missing = {f.name for f in audit_names} - set(cols)
+    if missing:
+        raise KeyError(f"audit fields without a value: {sorted(missing)}")
+    return cols

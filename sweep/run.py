@@ -121,7 +121,7 @@ def _actor_config(manifest: Manifest, name: str) -> ActorConfig:
         name=name, source=entry.source, dtype=entry.dtype, seed=o.seed, lens=o.lens,
         keep_layernorm_bias=o.keep_layernorm_bias, top_k=o.top_k, copy_threshold=o.copy_threshold,
         copy_margin=o.copy_margin, temperatures=o.temperatures, prepend_bos=o.prepend_bos,
-        keep_residuals=o.keep_residuals, cache_dir=str(DEFAULT_CACHE_DIR),
+        keep_residuals=o.keep_residuals, audit=o.audit, cache_dir=str(DEFAULT_CACHE_DIR),
     )  # fmt: skip
 
 
