@@ -29,6 +29,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python -m bench.lens_bench
+	$(BIN)/python -m bench.audit_bench
 
 # Random-weight models of every shape in manifests/all.toml on DEVICE (cuda, mps or cpu);
 # DEVICE_CHECK_ARGS=--tiny for small versions.

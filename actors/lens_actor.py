@@ -30,7 +30,7 @@ from actors.devices import peak_memory_bytes, verify_placement, weight_device_ma
 from actors.errors import DeviceUnavailable, NumericOverflow, ParityError
 from actors.prompts import PromptSpec, TokenisedBatch, bos_policy, tokenise
 from actors.records import TokenTexts, records_batch, summary_batch
-from actors.runtime import check_device, set_determinism
+from actors.runtime import check_device, keep_freed_memory, set_determinism
 from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA, SCHEMA_VERSION
 from actors.sources import architecture_of, load_config, load_hf, locate
 from lens_kernel import (
@@ -85,6 +85,7 @@ class LensActor:
         # determinism needs before this process could touch CUDA, or the actor had to set it.
         self.worker_env_preset = all(os.environ.get(k) == v for k, v in WORKER_ENV.items())
         set_determinism(config.seed)
+        self.heap_kept = keep_freed_memory()
         self.simulated_device: str | None = None
         try:
             self.device = check_device(config.device)
@@ -489,6 +490,9 @@ class LensActor:
             "temperature_exploration": self.temperature_rows,
             "prompt_failures": self.prompt_failures,
             "timings": dict(self.timings),
+            "allocator": "glibc keeps freed buffers for reuse"
+            if self.heap_kept
+            else "platform default",
             "memory": peak_memory_bytes(self.weight_devices),
             "batches": self.batches_done,
             "versions": _versions(),

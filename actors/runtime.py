@@ -10,6 +10,33 @@ import torch
 from actors.config import DEFAULT_SEED, WORKER_ENV
 from actors.errors import DeviceUnavailable
 
+# glibc mallopt parameters (malloc.h): freed blocks above the mmap threshold go back to the OS
+# at once, so the next [rows, vocab] buffer of the same size is page-faulted in afresh, which
+# costs more than the arithmetic done in it. An actor allocates the same few sizes batch after
+# batch: keep them in the heap.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_KEPT_BYTES = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc reuse freed large buffers instead of returning them to the OS (the process's
+    resident memory then stays near its peak, which a placed actor holds anyway). Returns
+    whether it took effect: False off glibc (macOS, musl), where nothing changes."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _HEAP_KEPT_BYTES)
+    )
+
 
 def set_determinism(seed: int = DEFAULT_SEED) -> None:
     """Seed every RNG and make torch pick deterministic kernels (bit-identical reruns)."""

@@ -126,6 +126,19 @@ def _gather_probs(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return log_probs.gather(-1, idx).exp().masked_fill(ids.unsqueeze(0) < 0, 0.0)
 
 
+def _log_softmax_(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """log_softmax of [..., V] logits in place (``scratch``: a same-shaped buffer, overwritten)."""
+    top = logits.amax(dim=-1, keepdim=True)
+    lse = torch.sub(logits, top, out=scratch).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
+    return logits.sub_(lse)
+
+
+def _count_above(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Per row of [..., V] values: how many exceed threshold [...] (int64; summed in int32,
+    several times faster than a bool tensor's default int64 sum)."""
+    return (values > threshold.unsqueeze(-1)).sum(dim=-1, dtype=torch.int32).long()
+
+
 def _xlogy_diff_sum(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """sum_v p_v (log p_v - log q_v) in nats; a term is 0 where p_v is 0."""
     terms = torch.sub(log_p, log_q).mul_(p)
@@ -162,8 +175,8 @@ def chunk_audit(
 ) -> AuditRows:
     """The audit of one chunk of next-token rows.
 
-    log_probs [layers, B, V]: the lens (normalised) decode; raw_logits [layers, B, V]: the
-    raw decode (overwritten); scratch: a spent [layers, B, V] float32 buffer (overwritten);
+    log_probs [layers, B, V]: the lens (normalised) decode (overwritten); raw_logits
+    [layers, B, V]: the raw decode (overwritten); scratch: a spent [layers, B, V] float32 buffer (overwritten);
     cos_to_final / lens_nonfinite [layers, B] from ``logit_agreement``; head_log_probs [B, V]:
     the model head's log-probs (last-layer consistency); top_logp / top_ids [layers, B, K]
     with K >= rule.jaccard_k (or the vocabulary); entropy_bits [layers, B] of the lens decode;
@@ -172,36 +185,13 @@ def chunk_audit(
     n_layers, batch, vocab = log_probs.shape
     has_answer = (answer_ids >= 0).view(1, batch)
     k = rule.jaccard_k
-    nonfinite = lens_nonfinite.clone()
-
-    # Raw lens: log-probs in place, then its own rank, top-k and the divergences from the lens.
-    raw_norm = torch.linalg.vector_norm(raw_logits, dim=-1)
-    nonfinite |= ~torch.isfinite(raw_norm)
-    raw_logp = raw_logits.sub_(torch.logsumexp(raw_logits, dim=-1, keepdim=True))
     safe_answer = answer_ids.clamp_min(0).view(1, batch, 1).expand(n_layers, batch, 1)
-    raw_answer_logp = raw_logp.gather(-1, safe_answer).squeeze(-1)
-    raw_rank = 1 + (raw_logp > raw_answer_logp.unsqueeze(-1)).sum(dim=-1)
-    raw_top_ids = torch.topk(raw_logp, k=min(k, vocab), dim=-1, sorted=True).indices
-
-    p_norm = torch.exp(log_probs, out=scratch)
-    kl_nr = _xlogy_diff_sum(p_norm, log_probs, raw_logp)
-    p_raw = raw_logp.exp()
-    l1 = torch.sub(p_norm, p_raw).abs_().sum(dim=-1)
-    entropy_raw = -torch.mul(p_raw, raw_logp).masked_fill_(~(p_raw > 0), 0.0).sum(dim=-1) / LN2
-    log_mid = torch.add(p_norm, p_raw).mul_(0.5).log_()
-    js = 0.5 * (
-        _xlogy_diff_sum(p_norm, log_probs, log_mid) + _xlogy_diff_sum(p_raw, raw_logp, log_mid)
-    )
-    del p_raw, log_mid
-    norm_top = top_ids[..., :k]
-    inter = (norm_top.unsqueeze(-1) == raw_top_ids.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
-    jaccard = inter.float() / (norm_top.shape[-1] + raw_top_ids.shape[-1] - inter).float()
+    nan = torch.full((n_layers, batch), math.nan, device=log_probs.device)
 
     # Gates: margin over uniform, logit gap to the best other token, and under rescaled logits.
     answer_logp = log_probs.gather(-1, safe_answer).squeeze(-1)
     top1_is_answer = top_ids[..., 0] == answer_ids.view(1, batch)
     rival = torch.where(top1_is_answer, top_logp[..., 1], top_logp[..., 0])
-    nan = torch.full_like(answer_logp, math.nan)
     gap = torch.where(has_answer, answer_logp - rival, nan)  # log-prob gaps are logit gaps
     minus_uniform = torch.where(has_answer, answer_logp.exp() - 1.0 / vocab, nan)
     scaled = torch.full((len(rule.gate_scales), n_layers, batch), math.nan, device=nan.device)
@@ -210,18 +200,41 @@ def chunk_audit(
         rows = log_probs.reshape(-1, vocab)[at_top]  # softmax(s z) = softmax(s log p)
         ans = answer_logp.reshape(-1)[at_top]
         for i, s in enumerate(rule.gate_scales):
-            p_s = torch.exp(s * ans - torch.logsumexp(rows * s, dim=-1))
-            scaled[i].view(-1)[at_top] = p_s
+            scaled[i].view(-1)[at_top] = torch.exp(s * ans - torch.logsumexp(rows * s, dim=-1))
 
     # Surface: mass on the prompt's own tokens, their share of the top mass, the foil.
     echo = _gather_probs(log_probs, echo_ids).sum(dim=-1)
+    norm_top = top_ids[..., :k]
     top_p = top_logp[..., :k].exp()
     in_prompt = (norm_top.unsqueeze(-1) == echo_ids.view(1, batch, 1, -1)).any(dim=-1)
     share = (top_p * in_prompt).sum(dim=-1) / top_p.sum(dim=-1)
     has_foil = (foil_ids >= 0).view(1, batch)
     foil = torch.where(has_foil, _gather_probs(log_probs, foil_ids.view(batch, 1))[..., 0], nan)
-
     last_kl, last_t, last_after = fit_temperature(log_probs[-1], head_log_probs, rule)
+
+    # Raw lens: log-probs in place, its own rank and top-k, then the divergences from the lens.
+    # Every [layers, B, V] step writes into one of four buffers (log_probs, raw, scratch, spare),
+    # reused in turn: a fresh buffer per step costs more than the arithmetic in it. The lens's
+    # log-probs are overwritten too (everything that reads them is above).
+    nonfinite = lens_nonfinite | ~torch.isfinite(torch.linalg.vector_norm(raw_logits, dim=-1))
+    lp_r = _log_softmax_(raw_logits, scratch)
+    raw_answer_logp = lp_r.gather(-1, safe_answer).squeeze(-1)
+    raw_rank = 1 + _count_above(lp_r, raw_answer_logp)
+    raw_top_ids = torch.topk(lp_r, k=min(k, vocab), dim=-1, sorted=True).indices
+    lp_n, spare = log_probs, torch.empty_like(lp_r)
+    p_n = torch.exp(lp_n, out=scratch)
+    kl_nr = torch.sub(lp_n, lp_r, out=spare).mul_(p_n).nansum(dim=-1)
+    log_mid = torch.logaddexp(lp_n, lp_r, out=spare).sub_(math.log(2.0))
+    js_n = lp_n.sub_(log_mid).mul_(p_n).nansum(dim=-1)  # lp_n spent
+    p_r = torch.exp(lp_r, out=lp_n)
+    l1 = p_n.sub_(p_r).abs_().sum(dim=-1)  # p_n spent
+    # Clamped: a one-hot row's log p of +1e-8 would give -0.0000001 bits.
+    entropy_raw = (-torch.mul(p_r, lp_r, out=p_n).nansum(dim=-1) / LN2).clamp_min(0.0)
+    js_r = lp_r.sub_(log_mid).mul_(p_r).nansum(dim=-1)
+    del spare, log_mid, p_r, p_n, lp_n, lp_r
+    inter = (norm_top.unsqueeze(-1) == raw_top_ids.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
+    jaccard = inter.float() / (norm_top.shape[-1] + raw_top_ids.shape[-1] - inter).float()
+
     return AuditRows(
         p_top5=top_logp[..., : rule.top_mass_k].exp().sum(dim=-1),
         cos_to_final=cos_to_final,
@@ -231,7 +244,7 @@ def chunk_audit(
         entropy_raw_bits=entropy_raw,
         entropy_gap_bits=entropy_bits - entropy_raw,
         kl_norm_raw_bits=(kl_nr / LN2).clamp_min(0.0),
-        js_norm_raw_bits=(js / LN2).clamp(0.0, 1.0),
+        js_norm_raw_bits=(0.5 * (js_n + js_r) / LN2).clamp(0.0, 1.0),
         l1_norm_raw=l1,
         jaccard_top_raw_norm=jaccard,
         answer_minus_uniform=minus_uniform,

@@ -104,3 +104,85 @@ def test_gemma3_parity_and_provenance(gemma3):
     assert max(result.summary.column("parity_max_abs").to_pylist()) <= 1e-4
     _assert_gguf_provenance(diag, "MOSTLY_Q4_K_M")
     assert result.records.num_rows == diag["n_layers"] + 1
+
+
+# ---- the lens-artefact audit on real models ---------------------------------------------------
+
+FRANCE = PromptSpec(
+    "control-fr",
+    "Give the city name only, plain text. The capital of France is called simply",
+    "Paris",
+    "next",
+    "control",
+    reference="capital",
+    foil="Berlin",
+)
+
+
+def _next_rows(result, prompt_id: str) -> list[dict]:
+    rows = [
+        r for r in result.records.to_pylist() if r["prompt_id"] == prompt_id and r["is_next_token"]
+    ]
+    return sorted(rows, key=lambda r: r["layer"])
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_layer0_copy_reflex_shows_as_echo_mass_and_strict_copy(model, request):
+    """Both demo models put p ~ 1 on the prompt's last word ' simply' at layer 0: the audit must
+    see it as echo mass and as a strict copy at every threshold, and the echo must fade."""
+    actor = request.getfixturevalue(model)
+    prompt = PromptSpec(SEED_PROMPT.id, SEED_PROMPT.text, SEED_PROMPT.answer, "next", "primary")
+    result = actor.run_batch([prompt])
+    rows = _next_rows(result, SEED_PROMPT.id)
+    layer0 = rows[0]
+    assert layer0["top_tokens"][0] == " simply"
+    assert layer0["echo_mass"] > 0.99
+    assert all(layer0[f"copy_strict@{t}"] for t in ("0.7", "0.8", "0.9", "0.95"))
+    assert layer0["copy_soft_k1"] is True
+    summary = result.summary.to_pylist()[0]
+    assert summary["L_copy_strict@0.95"] == 0 and summary["L_copy_soft_k1"] == 0
+    assert rows[-1]["echo_mass"] < 0.5  # the output is not an echo of the prompt
+    # The last layer's lens is the model head: no temperature misfit.
+    assert summary["last_kl_lens_to_head_bits"] < 1e-3
+    assert summary["last_temperature"] == 1.0
+    assert summary["n_nonfinite_layers"] == 0
+    assert rows[0]["resid_norm_ratio"] is None and rows[1]["resid_norm_ratio"] > 0
+
+
+def test_smollm2_control_prompt_reads_the_fact_not_the_template(smollm2):
+    """France -> Paris with Berlin as the foil: SmolLM2 says Paris at the end, so the control's
+    margin p(Paris) - p(Berlin) is positive at the last layer and L_control_wins exists."""
+    result = smollm2.run_batch([FRANCE])
+    rows = _next_rows(result, "control-fr")
+    summary = result.summary.to_pylist()[0]
+    assert summary["role"] == "control" and summary["reference"] == "capital"
+    assert summary["foil_token"] == " Berlin"
+    last = rows[-1]
+    assert last["control_margin"] == pytest.approx(last["answer_prob"] - last["foil_prob"])
+    assert last["control_margin"] > 0
+    wins = summary["L_control_wins"]
+    assert wins is not None and rows[wins]["control_margin"] > 0
+    assert all(r["control_margin"] <= 0 for r in rows[:wins])
+
+
+def test_audit_off_leaves_the_lens_columns_bit_identical(smollm2, smollm2_source, test_cache):
+    """audit = false: every audit column null, every other column the same bits as with it on."""
+    from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA
+
+    off = LensActor(
+        ActorConfig(name="smollm2", source=smollm2_source, cache_dir=str(test_cache), audit=False)
+    )
+    on_result = smollm2.run_batch([SEED_PROMPT])
+    off_result = off.run_batch([SEED_PROMPT])
+    seed_records = RECORDS_SCHEMA.names[: RECORDS_SCHEMA.get_field_index("is_answer") + 1]
+    seed_summary = PROMPT_SUMMARY_SCHEMA.names[
+        : PROMPT_SUMMARY_SCHEMA.get_field_index("parity_max_abs") + 1
+    ]
+    assert off_result.records.select(seed_records).equals(on_result.records.select(seed_records))
+    assert off_result.summary.select(seed_summary).equals(on_result.summary.select(seed_summary))
+    for name in RECORDS_SCHEMA.names[len(seed_records) :]:
+        assert off_result.records.column(name).null_count == off_result.records.num_rows, name
+    first_audit = PROMPT_SUMMARY_SCHEMA.get_field_index("L_copy_strict@0.7")
+    for name in PROMPT_SUMMARY_SCHEMA.names[first_audit:]:
+        assert off_result.summary.column(name).null_count == 1, name
+    assert off.diagnostics()["audit"] is None and smollm2.diagnostics()["audit"] is not None
