@@ -7,18 +7,36 @@ number of prompts); every file appears atomically when the model finishes.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA, SCHEMA_VERSION, check_batch
+from actors.schema import (
+    PROMPT_SUMMARY_SCHEMA,
+    RECORDS_SCHEMA,
+    SCHEMA_VERSION,
+    artefact_tier,
+    check_batch,
+)
 from sweep.files import write_atomic, write_bytes, write_json
 
 if TYPE_CHECKING:
     from actors.lens_actor import BatchResult
+
+
+def _fields_after(schema: pa.Schema, name: str) -> tuple[str, ...]:
+    names = schema.names
+    return tuple(names[names.index(name) + 1 :])
+
+
+# The audit's columns, in schema order: whatever the schema adds, the CSV and JSON carry.
+AUDIT_RECORD_COLUMNS = _fields_after(RECORDS_SCHEMA, "is_answer")
+AUDIT_PROMPT_FIELDS = _fields_after(PROMPT_SUMMARY_SCHEMA, "parity_max_abs")
 
 
 def artefact_paths(run_dir: Path, name: str) -> dict[str, Path]:
@@ -105,7 +123,15 @@ class ModelArtefacts:
             self._residuals_tmp.replace(self.paths["residuals_dir"])
         write_seed_csvs(self.paths, diagnostics.get("top_k", 20))
         prompts = pl.read_parquet(self.paths["prompts_parquet"])
-        write_json(self.paths["json"], model_json(self.name, diagnostics, prompts, context))
+        controls = prompts.filter(pl.col("role") == "control")["prompt_id"].to_list()
+        margins = (
+            pl.scan_parquet(self.paths["records_parquet"])
+            .filter(pl.col("is_next_token") & pl.col("prompt_id").is_in(controls))
+            .select("prompt_id", "layer", "control_margin")
+            .collect()
+        )
+        info = model_json(self.name, diagnostics, prompts, context, margins)
+        write_json(self.paths["json"], info)
         return {k: p.name for k, p in self.paths.items() if p.exists()}
 
 
@@ -134,8 +160,9 @@ def write_seed_csvs(paths: dict[str, Path], top_k: int) -> None:
 
     records:          layer,pos,token,entropy,top1,prob1,...,topK,probK,rest_mass (every position)
     pure next-token:  the same at the next-token position, then copy_collapse,entropy_collapse,
-                      is_answer, and (added, at the end) p_answer,answer_rank,kl_to_final_bits.
-    Entropy is in bits.
+                      is_answer, and (added, at the end) p_answer,answer_rank,kl_to_final_bits,
+                      then the audit's columns in RECORDS_SCHEMA order (empty with audit off).
+    Entropy is in bits. New columns only ever go at the end, so readers by position still work.
     """
     prompts = pl.read_parquet(paths["prompts_parquet"], columns=["prompt_id", "role"])
     primary = _primary_id(prompts)
@@ -150,6 +177,7 @@ def write_seed_csvs(paths: dict[str, Path], top_k: int) -> None:
         pl.col("answer_prob").alias("p_answer"),
         pl.col("answer_rank"),
         pl.col("kl_to_final_bits"),
+        *(pl.col(c) for c in AUDIT_RECORD_COLUMNS),
     ]
     pure = records.filter(pl.col("is_next_token")).select([*_seed_columns(top_k), *flags]).collect()
     write_atomic(paths["pure_next_token_csv"], pure.write_csv)
@@ -168,10 +196,18 @@ def _top_list(row: dict[str, Any], prefix: str = "final_") -> list[dict[str, Any
 
 
 def model_json(
-    name: str, diagnostics: dict[str, Any], prompts: pl.DataFrame, context: dict[str, Any]
+    name: str,
+    diagnostics: dict[str, Any],
+    prompts: pl.DataFrame,
+    context: dict[str, Any],
+    control_margins: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     """output-<name>.json: diagnostics, the primary prompt's collapse layers and final prediction,
-    every prompt's final prediction (the seed's test prompts), temperature exploration, context."""
+    every prompt's final prediction (the seed's test prompts) and audit fields, the model's
+    audit block, temperature exploration, context.
+
+    control_margins: next-token rows (prompt_id, layer, control_margin) of the control prompts.
+    """
     rows = prompts.sort("prompt_id").to_dicts()
     primary_id = _primary_id(prompts)
     per_prompt = []
@@ -180,6 +216,8 @@ def model_json(
             {
                 "prompt_id": r["prompt_id"],
                 "role": r["role"],
+                "reference": r["reference"],
+                "suite": r["suite"],
                 "answer": r["answer"],
                 "answer_token": r["answer_token"],
                 "n_tokens": r["n_tokens"],
@@ -191,6 +229,7 @@ def model_json(
                 "final_answer_rank": r["final_answer_rank"],
                 "final_prediction": _top_list(r),
                 "parity_max_abs": r["parity_max_abs"],
+                **{f: finite(r[f]) for f in AUDIT_PROMPT_FIELDS},
             }
         )
     primary = next((p for p in per_prompt if p["prompt_id"] == primary_id), None)
@@ -201,6 +240,175 @@ def model_json(
         "diagnostics": diag,
         "primary_prompt": primary,
         "prompts": per_prompt,
+        "audit": audit_block(prompts, primary_id, control_margins),
         "temperature_exploration": diagnostics.get("temperature_exploration", []),
         **context,
     }
+
+
+# Which per-prompt audit fields the JSON's primary block groups together, by name prefix.
+_GROUPS = {
+    "copy": ("L_copy_strict@", "L_copy_soft_k", "delta_layers_"),
+    "milestones": ("L_cos@", "L_kl@", "L_rank@"),
+    "gates": ("L_semantic_", "confirmed_source", "gates_stable"),
+    "raw_vs_norm": ("n_norm_only", "L_norm_only", "kl_norm_raw", "frac_layers_", "js_", "l1_", "jaccard_"),
+    "surface": ("L_answer_over_echo", "L_geom_crossover"),
+}  # fmt: skip
+# The plain lens's layers, measured with the audit off too; every other number needs the audit.
+PLAIN_LENS_LAYERS = ("L_copy", "L_copy_H", "L_semantic")
+SUITE_METRICS = ("L_copy", "L_copy_strict@0.95", "L_copy_soft_k1", "L_semantic",
+                 "L_semantic_strong", "L_semantic_confirmed")  # fmt: skip
+# Ablations: the loosest and the strictest strict-copy threshold, the shortest soft window.
+ABLATION_METRICS = ("L_copy", "L_copy_strict@0.7", "L_copy_strict@0.95", "L_copy_soft_k1",
+                    "L_semantic", "L_semantic_strong", "L_semantic_confirmed")  # fmt: skip
+
+
+def finite(value: Any) -> Any:
+    """A value as JSON writes it: NaN and infinities become null (JSON has no spelling for them)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def audit_enabled(prompts: pl.DataFrame) -> bool:
+    """Whether the audit ran: with audit = false every audit field is null."""
+    score = "lens_artefact_score"
+    return score in prompts.columns and bool(prompts[score].is_not_null().any())
+
+
+def model_artefact_score(prompts: pl.DataFrame) -> tuple[float | None, str | None, int]:
+    """The model's lens-artefact score: the mean over prompts that have one; its tier; how many."""
+    if "lens_artefact_score" not in prompts.columns:
+        return None, None, 0
+    scores = prompts["lens_artefact_score"].cast(pl.Float64).fill_nan(None).drop_nulls()
+    if scores.is_empty():
+        return None, None, 0
+    mean = float(scores.mean())  # type: ignore[arg-type]
+    return mean, artefact_tier(mean), scores.len()
+
+
+def depth_stats(layers: list[int | None], n_layers: int, measured: bool) -> dict[str, Any]:
+    """Relative depths (layer / n_layers) of the prompts that reach a layer: median, min, max,
+    IQR (linear quantiles) and how many reach it; all null when the layer was not measured."""
+    reached = pl.Series([x / n_layers for x in layers if x is not None], dtype=pl.Float64)
+    if not measured or reached.is_empty():
+        stats = dict.fromkeys(("median", "min", "max", "iqr"))
+        return {**stats, "n_reached": reached.len() if measured else None}
+    q75, q25 = reached.quantile(0.75, "linear"), reached.quantile(0.25, "linear")
+    return {
+        "median": reached.median(), "min": reached.min(), "max": reached.max(),
+        "iqr": q75 - q25,  # type: ignore[operator]
+        "n_reached": reached.len(),
+    }  # fmt: skip
+
+
+def _grouped(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name in AUDIT_PROMPT_FIELDS:
+        group = next((g for g, prefixes in _GROUPS.items() if name.startswith(prefixes)), None)
+        if group is not None:
+            out.setdefault(group, {})[name] = finite(row[name])
+    return out
+
+
+def _controls(rows: dict[str, dict[str, Any]], margins: pl.DataFrame | None) -> list[dict]:
+    """Per control prompt: where its own answer first beats the foil, and by how much."""
+    out = []
+    for r in rows.values():
+        if r["role"] != "control":
+            continue
+        own = (
+            margins.filter(pl.col("prompt_id") == r["prompt_id"]).sort("layer")
+            if margins is not None
+            else pl.DataFrame({"control_margin": []}, schema={"control_margin": pl.Float32})
+        )
+        values = [finite(x) for x in own["control_margin"].to_list()]
+        finite_values = [x for x in values if x is not None]
+        out.append({
+            "prompt_id": r["prompt_id"], "reference": r["reference"], "answer": r["answer"],
+            "foil_token": r["foil_token"], "L_control_wins": r["L_control_wins"],
+            "max_control_margin": max(finite_values, default=None),
+            "final_control_margin": values[-1] if values else None,  # at the last layer
+        })  # fmt: skip
+    return out
+
+
+def _ablations(rows: dict[str, dict[str, Any]], on: bool) -> list[dict]:
+    """Per ablation: each layer on the original prompt, on the ablation, and the change."""
+    out = []
+    for r in rows.values():
+        ref = rows.get(r["reference"] or "")
+        if r["role"] != "ablation" or ref is None:
+            continue
+        entry: dict[str, Any] = {"prompt_id": r["prompt_id"], "reference": ref["prompt_id"]}
+        for m in ABLATION_METRICS:
+            a, b = (ref[m], r[m]) if on or m in PLAIN_LENS_LAYERS else (None, None)
+            entry[m] = {
+                "reference": a,
+                "ablation": b,
+                "delta": None if a is None or b is None else b - a,
+            }
+        out.append(entry)
+    return out
+
+
+def _suites(rows: dict[str, dict[str, Any]], n_layers: int, on: bool) -> list[dict]:
+    """Per fact suite: the spread of each layer's relative depth over its prompts."""
+    out = []
+    for suite in sorted({r["suite"] for r in rows.values() if r["suite"] is not None}):
+        members = [r for r in rows.values() if r["suite"] == suite]
+        entry: dict[str, Any] = {"suite": suite, "n_prompts": len(members),
+                                 "prompt_ids": [r["prompt_id"] for r in members]}  # fmt: skip
+        for m in SUITE_METRICS:
+            entry[m] = depth_stats([r[m] for r in members], n_layers, on or m in PLAIN_LENS_LAYERS)
+        out.append(entry)
+    return out
+
+
+def audit_block(
+    prompts: pl.DataFrame, primary_id: str | None, control_margins: pl.DataFrame | None
+) -> dict[str, Any]:
+    """The model's lens-artefact audit in one place (output-<model>.json's "audit").
+
+    One shape whatever the data: with the audit off, "enabled" is false, every number the audit
+    computes is null (so are the objects made only of them: worst_prompt, primary, last_layer,
+    numeric_health), and the lists that come from the manifest (controls, ablations, suites)
+    keep their entries, with the plain lens's L_copy and L_semantic still filled.
+    """
+    on = audit_enabled(prompts)
+    rows = {r["prompt_id"]: r for r in prompts.sort("prompt_id").to_dicts()}
+    n_layers = int(prompts["n_layers"][0]) if prompts.height else 0
+    score, tier, n_scored = model_artefact_score(prompts)
+    scored = [r for r in rows.values() if finite(r["lens_artefact_score"]) is not None]
+    worst = max(scored, key=lambda r: r["lens_artefact_score"], default=None)
+    p = rows.get(primary_id or "") if on else None
+    head_kls = [finite(r["last_kl_lens_to_head_bits"]) for r in rows.values()]
+    ratios = [(finite(r["max_resid_norm_ratio"]), r["prompt_id"]) for r in rows.values()]
+    top_ratio = max(((x, pid) for x, pid in ratios if x is not None), default=(None, None))
+    bad = [pid for pid, r in rows.items() if (r["n_nonfinite_layers"] or 0) > 0]
+    return {
+        "enabled": on,
+        "lens_artefact_score": score,
+        "lens_artefact_tier": tier,
+        "n_prompts_scored": n_scored,
+        "worst_prompt": None if worst is None else {
+            k: worst[k] for k in ("prompt_id", "lens_artefact_score", "lens_artefact_tier")
+        },
+        "primary": None if p is None else {
+            "prompt_id": p["prompt_id"], "n_layers": n_layers, "L_semantic": p["L_semantic"],
+            "lens_artefact_score": finite(p["lens_artefact_score"]),
+            "lens_artefact_tier": p["lens_artefact_tier"], **_grouped(p),
+        },
+        "last_layer": None if p is None else {
+            "prompt_id": p["prompt_id"],
+            "kl_lens_to_head_bits": finite(p["last_kl_lens_to_head_bits"]),
+            "temperature": finite(p["last_temperature"]),
+            "kl_after_temperature_bits": finite(p["last_kl_after_temperature_bits"]),
+            "max_kl_lens_to_head_bits_any_prompt": max((x for x in head_kls if x is not None), default=None),
+        },
+        "numeric_health": None if not on else {
+            "any_nonfinite": bool(bad), "prompts_with_nonfinite": bad,
+            "max_resid_norm_ratio": top_ratio[0], "max_resid_norm_ratio_prompt": top_ratio[1],
+        },
+        "controls": _controls(rows, control_margins),
+        "ablations": _ablations(rows, on),
+        "suites": _suites(rows, n_layers, on),
+    }  # fmt: skip

@@ -7,11 +7,22 @@ from typing import Any
 
 import polars as pl
 
-from sweep.artefacts import artefact_paths
+from sweep.artefacts import AUDIT_PROMPT_FIELDS, artefact_paths, model_artefact_score
 from sweep.files import write_atomic
 
 SUMMARY_STEM = "cross-model-summary"
 PROMPTS_STEM = "cross-model-prompts"
+# Layers read as relative depth (layer / n_layers) in both tables.
+REL_LAYERS = ("L_copy", "L_copy_H", "L_semantic", "L_semantic_strong", "L_semantic_confirmed")
+# The primary prompt's audit in the summary: milestones, gates (and their stability), the
+# strictest strict copy and the shortest soft copy, and the prompt's own artefact score.
+_SUMMARY_PREFIXES = ("L_cos@", "L_kl@", "L_rank@", "L_semantic_", "confirmed_source",
+                     "gates_stable", "lens_artefact_")  # fmt: skip
+AUDIT_SUMMARY_COLUMNS = (
+    "L_copy_strict@0.95",
+    "L_copy_soft_k1",
+    *(f for f in AUDIT_PROMPT_FIELDS if f.startswith(_SUMMARY_PREFIXES)),
+)
 
 
 def _ledger_frame(models: dict[str, dict[str, Any]]) -> pl.DataFrame:
@@ -33,20 +44,23 @@ def _ledger_frame(models: dict[str, dict[str, Any]]) -> pl.DataFrame:
 def merge_run(run_dir: Path, models: dict[str, dict[str, Any]]) -> dict[str, Path]:
     """Write the cross-model tables; one row per model (primary prompt) and one per model x prompt.
 
-    Relative depths are layer / n_layers. Failed and skipped models appear with their status and
-    null numbers, so the table always lists every model of the manifest.
+    Relative depths are layer / n_layers. The summary carries the primary prompt's collapse
+    layers, milestones and gates, and the model's lens-artefact score (mean over its prompts)
+    and tier. Failed and skipped models appear with their status and null numbers, so the table
+    always lists every model of the manifest.
     """
-    frames = []
+    frames, scores = [], []
     for name, entry in sorted(models.items()):
         path = artefact_paths(run_dir, name)["prompts_parquet"]
         if entry.get("status") == "ok" and path.is_file():
             frames.append(pl.read_parquet(path))
+            score, tier, n = model_artefact_score(frames[-1])
+            scores.append((name, score, tier, n))
     ledger = _ledger_frame(models)
     written: dict[str, Path] = {}
     if frames:
         prompts = pl.concat(frames).with_columns(
-            (pl.col(c).cast(pl.Float64) / pl.col("n_layers")).alias(f"{c}_rel")
-            for c in ("L_copy", "L_copy_H", "L_semantic")
+            (pl.col(c).cast(pl.Float64) / pl.col("n_layers")).alias(f"{c}_rel") for c in REL_LAYERS
         )
         prompts = prompts.sort(["model", "prompt_id"])
         written[PROMPTS_STEM] = run_dir / f"{PROMPTS_STEM}.parquet"
@@ -59,16 +73,28 @@ def merge_run(run_dir: Path, models: dict[str, dict[str, Any]]) -> dict[str, Pat
             "L_copy_H",
             "L_semantic",
             "delta_layers",
-            "L_copy_rel",
-            "L_copy_H_rel",
-            "L_semantic_rel",
+            *(f"{c}_rel" for c in REL_LAYERS),
             "answer",
             "final_answer_prob",
             "final_answer_rank",
             pl.col("final_top_tokens").list.first().alias("final_top1"),
             pl.col("final_top_probs").list.first().alias("final_top1_prob"),
+            *AUDIT_SUMMARY_COLUMNS,
         )
-        summary = ledger.join(primary, on="model", how="left")
+        # The model's own score: the mean of its prompts' (the primary's is lens_artefact_score).
+        model_scores = pl.DataFrame(
+            scores,
+            schema={
+                "model": pl.String,
+                "model_lens_artefact_score": pl.Float64,
+                "model_lens_artefact_tier": pl.String,
+                "n_prompts_scored": pl.Int64,
+            },
+            orient="row",
+        )
+        summary = ledger.join(primary, on="model", how="left").join(
+            model_scores, on="model", how="left"
+        )
     else:
         summary = ledger
     summary = summary.sort("model")

@@ -20,8 +20,13 @@ from sweep.reports.bundles import (
 from sweep.reports.cross_report import cross_report, curves
 from sweep.reports.data import load_run
 from sweep.reports.llm import ChatEndpoint, LLMError
-from sweep.reports.model_report import model_report
-from sweep.reports.plots import plot_cross_model, plot_entropy_answer, plot_top1_heatmap
+from sweep.reports.model_report import RAW_VS_NORM, model_report
+from sweep.reports.plots import (
+    plot_cross_model,
+    plot_entropy_answer,
+    plot_raw_vs_norm,
+    plot_top1_heatmap,
+)
 
 
 def build_reports(run_dir: Path, llm: ChatEndpoint | None = None) -> dict[str, Path]:
@@ -30,13 +35,15 @@ def build_reports(run_dir: Path, llm: ChatEndpoint | None = None) -> dict[str, P
     written: dict[str, Path] = {}
     reports: dict[str, str] = {}
     for name, m in run.models.items():
+        pure = m.pure_next()
         plots = {
             "entropy and answer probability by layer": plot_entropy_answer(
-                m, m.pure_next(), run_dir / f"plot-{name}-entropy-answer.png"
+                m, pure, run_dir / f"plot-{name}-entropy-answer.png"
             ),
             "top-1 token by layer and position": plot_top1_heatmap(
                 m, m.all_positions(), run_dir / f"plot-{name}-top1-heatmap.png"
             ),
+            RAW_VS_NORM: plot_raw_vs_norm(m, pure, run_dir / f"plot-{name}-raw-vs-norm.png"),
         }
         written.update({p.name: p for p in plots.values()})
         reports[name] = model_report(m, run, plots)

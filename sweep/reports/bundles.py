@@ -20,7 +20,8 @@ SYSTEM = (
 
 def _params(run: RunData) -> str:
     sweep = run.manifest.get("sweep", {})
-    keys = ("lens", "seed", "top_k", "copy_threshold", "copy_margin", "batch_size", "temperatures")
+    keys = ("lens", "seed", "top_k", "copy_threshold", "copy_margin", "batch_size", "temperatures",
+            "audit")  # fmt: skip
     return "\n".join(f"- {k}: {sweep.get(k)}" for k in keys)
 
 
@@ -36,8 +37,9 @@ def single_model_bundle(m: ModelData, run: RunData, report: str) -> str:
         f"# Single-model evaluation request: {m.name}",
         "",
         "Write `evaluation-" + m.name + ".md`: interpret where this model's next-token prediction forms "
-        "(copy reflex, semantic collapse, confidence build-up), check the method for mistakes, and "
-        "list what the numbers do and do not support. Keep to the evidence below.",
+        "(copy reflex, semantic collapse, confidence build-up), check the method for mistakes, say "
+        "whether the early semantic layer survives the lens-artefact audit (raw vs normalised lens, "
+        "gates, controls), and list what the numbers do and do not support. Keep to the evidence below.",
         "",
         "## Run", "",
         f"- run directory: `{run.run_dir}`",

@@ -12,6 +12,9 @@ from sweep.reports.markdown import fmt, table
 from sweep.reports.model_report import delta_entropy
 
 DEPTHS = (0.25, 0.50, 0.75)
+# The primary prompt's audit, compactly: the gates, the strictest copy, a cosine milestone.
+AUDIT_COLUMNS = ("L_semantic_strong", "L_semantic_confirmed", "gates_stable",
+                 "L_copy_strict@0.95", "L_cos@0.6")  # fmt: skip
 
 
 def kl_at_depth(rows: pl.DataFrame, n_layers: int, depth: float) -> float | None:
@@ -36,7 +39,17 @@ def model_row(m: ModelData) -> dict[str, Any]:
         "final_answer_prob": s["final_answer_prob"],
         **{f"kl_{int(d * 100)}": kl_at_depth(rows, m.n_layers, d) for d in DEPTHS},
         "device": m.diagnostics.get("device"),
+        **{c: s.get(c) for c in AUDIT_COLUMNS},
+        "artefact_score": m.audit.get("lens_artefact_score"),  # the model's: mean over prompts
+        "artefact_tier": m.audit.get("lens_artefact_tier"),
     }
+
+
+def artefact_cell(row: dict[str, Any]) -> str:
+    """The model's artefact risk as one cell: "low (0.08)"; "audit off" without a score."""
+    if row["artefact_tier"] is None:
+        return "audit off"
+    return f"{row['artefact_tier']} ({fmt(row['artefact_score'], 2)})"
 
 
 def curves(run: RunData) -> dict[str, pl.DataFrame]:
@@ -55,13 +68,15 @@ def cross_report(run: RunData, plot: Path | None) -> str:
         key=lambda r: (r["rel_depth"] is None, r["rel_depth"] or 0, r["model"]),
     )
     header = ["model", "layers", "L_copy", "L_semantic", "L_sem / L", "ΔH (bits)", "final p(answer)",
-              "KL@25% (bits)", "KL@50% (bits)", "KL@75% (bits)", "device"]  # fmt: skip
+              "KL@25% (bits)", "KL@50% (bits)", "KL@75% (bits)", "device", "L_sem strong",
+              "L_sem confirmed", "gates stable", "L_copy strict@0.95", "L_cos@0.6", "artefact risk"]  # fmt: skip
     body = [
         [r["model"], fmt(r["n_layers"]), fmt(r["L_copy"]), fmt(r["L_semantic"]), fmt(r["rel_depth"], 3),
          fmt(r["delta_H"]), fmt(r["final_answer_prob"]), fmt(r["kl_25"]), fmt(r["kl_50"]), fmt(r["kl_75"]),
-         str(r["device"])]
+         str(r["device"]), *(fmt(r[c]) for c in AUDIT_COLUMNS), artefact_cell(r)]
         for r in rows
     ]  # fmt: skip
+    audited = any(m.audit.get("enabled") for m in run.models.values())
     primary = next(iter(run.models.values())).primary_id if run.models else None
     parts = [
         "# Cross-model evaluation",
@@ -71,6 +86,12 @@ def cross_report(run: RunData, plot: Path | None) -> str:
         "",
         "Sorted by the relative depth at which the answer first becomes top-1 (L_semantic / L); models "
         "that never get there come last. KL to the model's own output is read at 25/50/75% depth.",
+        "The last six columns are the lens-artefact audit of the primary prompt: the strong semantic "
+        "gate, L_semantic confirmed by the raw lens, whether the gates hold under rescaled logits, "
+        "the strict copy layer at p1 > 0.95, the first layer whose logits have cosine >= 0.6 with "
+        "the final ones, and the model's artefact risk (tier and the mean score over its prompts)."
+        if audited
+        else "Audit off: this run was swept with `audit = false`, so the audit columns are n/a.",
         "",
         table(header, body) if body else "No model finished, so there is nothing to compare.",
     ]

@@ -27,6 +27,11 @@ class ModelData:
         return self.info.get("diagnostics", {})
 
     @property
+    def audit(self) -> dict[str, Any]:
+        """The JSON's lens-artefact audit block; {} for a run written before the audit."""
+        return self.info.get("audit") or {}
+
+    @property
     def n_layers(self) -> int:
         return int(self.diagnostics.get("n_layers", 0))
 

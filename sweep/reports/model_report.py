@@ -14,6 +14,16 @@ from sweep.reports.markdown import fmt, table, tok
 COPY_REFLEX_LAYERS = 4  # a copy collapse in layers 0-3 is the "copy reflex"
 MILESTONES = (0.30, 0.60)
 TOP_SHOWN = 5
+RAW_VS_NORM = "answer probability and divergence, normalised vs raw lens"  # plot label
+# What each risk tier means for a reader of this lens (tiers: actors.schema.artefact_tier).
+TIER_MEANING = {
+    "low": "the normalised and raw lenses agree",
+    "medium": "the normalised and raw lenses diverge at some layers, so an early reading needs "
+    "the raw lens's confirmation",
+    "high": "the normalised and raw lenses disagree at many layers, so early readings of this "
+    "lens are likely artefacts of the normalisation",
+}
+HEAD_MATCH_BITS = 1e-3  # below this KL the lens at the last layer is the model's head
 
 
 def first_layer_above(rows: pl.DataFrame, threshold: float) -> int | None:
@@ -232,9 +242,214 @@ def model_report(m: ModelData, run: RunData, plots: dict[str, Path]) -> str:
     """The full evaluation-<name>.md text."""
     rows = m.pure_next()
     summary = m.prompts.filter(pl.col("prompt_id") == m.primary_id).row(0, named=True)
-    figures = "\n".join(f"![{label}]({path.name})" for label, path in plots.items())
+    shown = {label: path for label, path in plots.items() if label != RAW_VS_NORM}
+    figures = "\n".join(f"![{label}]({path.name})" for label, path in shown.items())
     return "\n\n".join([
         f"# Evaluation: {m.name}", _overview(m, run), _sanity(m, run, rows, summary),
         _quantitative(rows, summary, m.n_layers) + ("\n\n" + figures if figures else ""),
         _tests_and_temperature(m), _distribution(m),
+        audit_section(m, rows, plots.get(RAW_VS_NORM)),
     ]) + "\n"  # fmt: skip
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[3, 4, 5, 8] -> "3-5, 8"."""
+    runs: list[list[int]] = []
+    for x in sorted(set(layers)):
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def _from(layer: int | None) -> str:
+    return "never met" if layer is None else f"from layer {layer}"
+
+
+def audit_verdict(a: dict[str, Any], rows: pl.DataFrame, window: int) -> list[str]:
+    """The audit in words: does the primary prompt's L_semantic survive it, how risky is the lens."""
+    p = a["primary"]
+    gates, rvn = p.get("gates", {}), p.get("raw_vs_norm", {})
+    l_sem, l_raw, l_strong = (
+        p["L_semantic"],
+        gates.get("L_semantic_raw"),
+        gates.get("L_semantic_strong"),
+    )
+    raw_top = rows.filter(pl.col("answer_rank_raw") == 1)["layer"].to_list()
+    norm_only = rows.filter(pl.col("norm_only_semantics"))["layer"].to_list()
+    confirmed = gates.get("L_semantic_confirmed") is not None
+    if l_sem is None:
+        first = (
+            f"the raw lens ranks it first from layer {l_raw}"
+            if l_raw is not None
+            else "the raw lens never ranks it first either"
+        )
+        out = [
+            f"The answer never becomes top-1 under the normalised lens (no L_semantic), so there "
+            f"is no early semantic layer to confirm; {first}."
+        ]
+    elif confirmed:
+        near = [x for x in raw_top if abs(x - l_sem) <= window]
+        out = [
+            f"L_semantic {l_sem} is confirmed by the raw lens (raw rank 1 at layer "
+            f"{fmt(near[0] if near else None)}, within ±{window} layers)."
+        ]
+    else:
+        where = (
+            f"its first raw rank 1 is at layer {l_raw}" if l_raw is not None else "nor at any layer"
+        )
+        out = [
+            f"L_semantic {l_sem} is NOT confirmed by the raw lens: the raw lens does not rank the "
+            f"answer first within ±{window} layers ({where})."
+        ]
+    if norm_only:
+        instead = [f"{k} {v}" for k, v in (("L_semantic_raw", l_raw), ("L_semantic_strong", l_strong))
+                   if v is not None]  # fmt: skip
+        artefact = f"; so L_semantic {l_sem} is a normalisation artefact: " + (
+            f"read the semantic layer from {' or '.join(instead)}." if instead
+            else "neither the raw lens nor the strong gate finds the answer at any layer."
+        )  # fmt: skip
+        out.append(
+            f"Norm-only semantics at layer(s) {layer_ranges(norm_only)}: the normalised lens "
+            "ranks the answer first there and the raw lens does not"
+            + (artefact if l_sem in norm_only and not confirmed else ".")
+        )
+    else:
+        out.append(
+            "No layer shows norm-only semantics (answer first under the normalised lens only)."
+        )
+    tier = p["lens_artefact_tier"]
+    frac = rvn.get("frac_layers_kl_norm_raw_ge_1")
+    out.append(
+        f"Artefact risk {tier} (score {fmt(p['lens_artefact_score'], 2)}) for `{p['prompt_id']}`: "
+        f"{TIER_MEANING.get(tier or '', 'no tier')} (median JS {fmt(rvn.get('js_norm_raw_p50_bits'))} "
+        f"bits, median L1 {fmt(rvn.get('l1_norm_raw_p50'))}, "
+        f"{'n/a' if frac is None else f'{frac:.0%}'} of layers with KL(norm‖raw) >= 1 bit, max "
+        f"{fmt(rvn.get('kl_norm_raw_max_bits'))} bits, median top-50 Jaccard "
+        f"{fmt(rvn.get('jaccard_top50_p50'))})."
+    )
+    worst = a.get("worst_prompt") or {}
+    out.append(
+        f"Model-level artefact risk **{a['lens_artefact_tier']}**: the mean score over "
+        f"{a['n_prompts_scored']} prompts is {fmt(a['lens_artefact_score'], 3)}; the riskiest "
+        f"prompt is `{worst.get('prompt_id')}` ({fmt(worst.get('lens_artefact_score'), 3)}, "
+        f"{worst.get('lens_artefact_tier')})."
+    )
+    moved = [
+        f"{k} {fmt(v)}" for k, v in gates.items() if "@x" in k and v != gates.get(k.split("@")[0])
+    ]
+    out.append(
+        f"Semantic gates: margin {_from(gates.get('L_semantic_margin'))}, strong {_from(l_strong)}; "
+        + ("stable: neither moves with the logits scaled by 0.9 or 1.1."
+           if gates.get("gates_stable") else
+           f"not stable under rescaled logits ({', '.join(moved)}): a reading near its threshold.")
+    )  # fmt: skip
+    return out
+
+
+def _meaning(name: str, rule: dict[str, Any]) -> str:
+    kind, _, value = name.partition("@")
+    return {
+        "L_cos": f"cos(layer logits, final logits) >= {value}",
+        "L_kl": f"KL to final <= {value} bits",
+        "L_rank": f"answer rank <= {value}",
+        "L_copy_strict": f"top-1 a prompt token, p1 > {value}, p1 - p2 > {rule.get('strict_margin')}",
+        "L_answer_over_echo": "p(answer) > mass on the prompt's own tokens",
+        "L_geom_crossover": "residual closer to the answer's unembedding than to any prompt token's",
+    }.get(kind, f"last {name[-1]} top-1 ids a run of the prompt, p1 > {rule.get('soft_threshold')}"
+          if kind.startswith("L_copy_soft_k") else "")  # fmt: skip
+
+
+def _audit_tables(m: ModelData, rows: pl.DataFrame, a: dict[str, Any]) -> list[str]:
+    p, n = a["primary"], m.n_layers or 1
+    strict = [c for c in rows.columns if c.startswith("copy_strict@")]
+    soft = [c for c in rows.columns if c.startswith("copy_soft_k")]
+    body, bold = [], set()
+    for i, r in enumerate(rows.iter_rows(named=True)):
+        if r["layer"] == p["L_semantic"]:
+            bold.add(i)
+        body.append([
+            str(r["layer"]), fmt(r["kl_norm_raw_bits"]), fmt(r["js_norm_raw_bits"]), fmt(r["l1_norm_raw"]),
+            fmt(r["jaccard_top50_raw_norm"]), fmt(r["answer_prob"]), fmt(r["answer_prob_raw"]),
+            fmt(r["answer_rank_raw"]), fmt(r["cos_to_final"]), fmt(r["echo_mass"]),
+            " ".join(c.split("@")[1] for c in strict if r[c]) or "-",
+            " ".join(c.removeprefix("copy_soft_") for c in soft if r[c]) or "-",
+        ])  # fmt: skip
+    header = ["layer", "KL(norm‖raw) (bits)", "JS (bits)", "L1", "Jaccard top-50", "p(answer) norm",
+              "p(answer) raw", "raw rank", "cos to final", "echo mass", "strict copy", "soft copy"]  # fmt: skip
+    rule = m.diagnostics.get("audit") or {}
+    firsts = {**p.get("milestones", {}), **p.get("surface", {}),
+              **{k: v for k, v in p.get("copy", {}).items() if k.startswith("L_")}}  # fmt: skip
+    gates = p.get("gates", {})
+    scales = sorted({k.split("@")[1] for k in gates if "@x" in k})
+    out = [
+        f"Per layer, primary prompt `{p['prompt_id']}` at the next-token position (bold: L_semantic; "
+        "strict copy lists the thresholds that fire, soft copy the windows):", "",
+        table(header, body, bold), "", "First layers (milestones, copy detectors, surface vs meaning):", "",
+        table(["first layer where", "layer", "L / n_layers", "meaning"],
+              [[k, fmt(v), fmt(None if v is None else v / n, 3), _meaning(k, rule)] for k, v in firsts.items()]),
+        "", f"Semantic gates and their stability (gates stable: {fmt(gates.get('gates_stable'))}; "
+        f"raw lens rank 1 from {fmt(gates.get('L_semantic_raw'))}; confirmed: "
+        f"{fmt(gates.get('L_semantic_confirmed'))}, by {gates.get('confirmed_source') or 'n/a'}):", "",
+        table(["gate", "logits x1", *(f"logits {s}" for s in scales)],
+              [[g, fmt(gates.get(g)), *(fmt(gates.get(f"{g}@{s}")) for s in scales)]
+               for g in ("L_semantic_margin", "L_semantic_strong")]),
+    ]  # fmt: skip
+    if a["controls"]:
+        out += ["", "Controls (same template, another fact: its answer should beat the foil):", "",
+                table(["control", "reference", "answer", "foil", "L_control_wins", "max margin", "final margin"],
+                      [[f"`{c['prompt_id']}`", f"`{c['reference']}`", c["answer"] or "n/a", tok(c["foil_token"]),
+                        fmt(c["L_control_wins"]), fmt(c["max_control_margin"]), fmt(c["final_control_margin"])]
+                       for c in a["controls"]])]  # fmt: skip
+    for ab in a["ablations"]:
+        out += ["", f"Ablation `{ab['prompt_id']}` of `{ab['reference']}` (Δ = ablation - original):", "",
+                table(["layer", "original", "ablation", "Δ"],
+                      [[k, fmt(v["reference"]), fmt(v["ablation"]), fmt(v["delta"])]
+                       for k, v in ab.items() if isinstance(v, dict)])]  # fmt: skip
+    for su in a["suites"]:
+        out += ["", f"Suite `{su['suite']}` ({su['n_prompts']} prompts), relative depth layer / n_layers:", "",
+                table(["layer", "median", "min", "max", "IQR", "reached"],
+                      [[k, fmt(v["median"], 3), fmt(v["min"], 3), fmt(v["max"], 3), fmt(v["iqr"], 3),
+                        f"{fmt(v['n_reached'])} of {su['n_prompts']}"]
+                       for k, v in su.items() if isinstance(v, dict)])]  # fmt: skip
+    return out
+
+
+def _health_and_head(a: dict[str, Any]) -> list[str]:
+    h, last = a["numeric_health"], a["last_layer"]
+    bad = ", ".join(f"`{x}`" for x in h["prompts_with_nonfinite"])
+    kl, after = last["kl_lens_to_head_bits"], last["kl_after_temperature_bits"]
+    if kl is None:
+        head = "not measured"
+    elif kl <= HEAD_MATCH_BITS:
+        head = "the lens reproduces the model's head at the last layer"
+    elif after is not None and after <= HEAD_MATCH_BITS:
+        head = "a temperature mismatch only: rescaled, the lens matches the head"
+    else:
+        head = "the lens and the head differ at the last layer beyond a temperature: check the final norm and soft-cap"
+    return [
+        f"- Numeric health: {'NaN or inf in ' + bad if h['any_nonfinite'] else 'no NaN or inf in any residual or lens logit'}; "
+        f"largest residual-norm growth between adjacent layers x{fmt(h['max_resid_norm_ratio'], 2)} "
+        f"(`{h['max_resid_norm_ratio_prompt']}`).",
+        f"- Last-layer consistency (`{last['prompt_id']}`): KL(lens at L ‖ model head) = {fmt(kl)} bits; "
+        f"the best temperature s = {fmt(last['temperature'], 3)} leaves {fmt(after)} bits: {head} "
+        f"(largest over all prompts {fmt(last['max_kl_lens_to_head_bits_any_prompt'])} bits).",
+    ]  # fmt: skip
+
+
+def audit_section(m: ModelData, rows: pl.DataFrame, plot: Path | None) -> str:
+    """Section 6: whether the early semantics survive the lens-artefact audit, in words first."""
+    head = ["## 6. Lens-artefact audit", ""]
+    a = m.audit
+    if not a.get("enabled"):
+        return "\n".join([*head,
+            "Audit off: this sweep ran with `audit = false`, so there is "
+            "no raw-lens comparison, artefact score, milestone, gate, copy variant, control margin or "
+            "numeric-health check to report. Rerun with `audit = true` (the default) to get them."])  # fmt: skip
+    window = int((m.diagnostics.get("audit") or {}).get("confirm_window", 2))
+    figure = ["", f"![{RAW_VS_NORM}]({plot.name})"] if plot is not None else []
+    return "\n".join([
+        *head, *(f"- {s}" for s in audit_verdict(a, rows, window)), *_health_and_head(a), *figure,
+        "", *_audit_tables(m, rows, a),
+    ])  # fmt: skip

@@ -164,3 +164,58 @@ def plot_cross_model(curves: dict[str, pl.DataFrame], path: Path) -> Path:
         if ax.get_lines():
             ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def raw_vs_norm_figsize() -> tuple[float, float]:
+    return (8.0, 6.5)
+
+
+def plot_raw_vs_norm(model: ModelData, rows: pl.DataFrame, path: Path) -> Path:
+    """Primary prompt by layer: p(answer) under the normalised and the raw lens (top), and
+    KL(norm || raw) and JS between them in bits (bottom); L_semantic and L_semantic_raw marked."""
+    fig, (ax_p, ax_d) = plt.subplots(
+        2, 1, figsize=raw_vs_norm_figsize(), sharex=True, layout="constrained"
+    )
+    layers = rows["layer"].to_numpy()
+    audited = rows.height > 0 and rows["kl_norm_raw_bits"].null_count() < rows.height
+    has_answer = rows["answer_prob"].null_count() < rows.height
+    if has_answer:
+        ax_p.plot(layers, rows["answer_prob"].to_numpy(), color="tab:red", marker="o", ms=3,
+                  label="p(answer), normalised lens")  # fmt: skip
+    if has_answer and audited:
+        ax_p.plot(layers, rows["answer_prob_raw"].to_numpy(), color="tab:purple", marker="s",
+                  ms=3, ls="--", label="p(answer), raw lens")  # fmt: skip
+    summary = model.prompts.filter(pl.col("prompt_id") == model.primary_id)
+    marks = (("L_semantic", "-"), ("L_semantic_raw", ":"))
+    for name, style in marks:
+        layer = summary[name][0] if summary.height and name in summary.columns else None
+        if layer is not None:
+            ax_p.axvline(layer, color="black", ls=style, lw=1, label=f"{name} = {layer}")
+    ax_p.set(ylabel="p(answer)", ylim=(0, 1))
+    ax_p.set_title(f"{model.name}: normalised vs raw lens ({model.primary_id})")
+    if ax_p.get_lines():
+        ax_p.legend(fontsize=8, loc="upper left")
+    if not has_answer:
+        ax_p.text(
+            0.5, 0.5, "no answer on the primary prompt", ha="center", transform=ax_p.transAxes
+        )
+    if audited:
+        ax_d.plot(layers, rows["kl_norm_raw_bits"].to_numpy(), color="tab:blue", marker="o",
+                  ms=3, label="KL(norm || raw)")  # fmt: skip
+        ax_js = ax_d.twinx()
+        ax_js.plot(layers, rows["js_norm_raw_bits"].to_numpy(), color="tab:green", marker="^",
+                   ms=3, label="JS(norm, raw)")  # fmt: skip
+        ax_js.set_ylabel("JS (bits)", color="tab:green")
+        ax_js.set_ylim(0, 1)
+        handles = ax_d.get_lines() + ax_js.get_lines()
+        ax_d.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8)
+    else:
+        ax_d.text(0.5, 0.5, "audit off: no raw lens", ha="center", transform=ax_d.transAxes)
+    ax_d.set_yscale("symlog", linthresh=1.0)  # linear below 1 bit, where "agree" is read
+    ax_d.set_xlabel("layer (0 = embeddings)")
+    ax_d.set_ylabel("KL(norm || raw) (bits)", color="tab:blue")
+    ax_d.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_p.ticklabel_format(axis="y", useOffset=False)
+    for ax in (ax_p, ax_d):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -17,7 +17,13 @@ from sweep.report import main as report_main
 from sweep.reports.data import load_run
 from sweep.reports.markdown import fmt, tok
 from sweep.reports.model_report import _quantitative
-from sweep.reports.plots import DPI, cross_figsize, entropy_answer_figsize, heatmap_figsize
+from sweep.reports.plots import (
+    DPI,
+    cross_figsize,
+    entropy_answer_figsize,
+    heatmap_figsize,
+    raw_vs_norm_figsize,
+)
 from tests.sweep.conftest import reply_json
 
 GOOD = ("tiny-gemma2", "tiny-llama")
@@ -27,6 +33,7 @@ SECTIONS = (
     "## 3. Next-token lens by layer (primary prompt)",
     "## 4. Test prompts and temperature exploration",
     "## 5. Across prompts",
+    "## 6. Lens-artefact audit",
 )
 
 
@@ -95,6 +102,7 @@ def test_plots_decode_at_their_expected_size(first_run):
         expected = {
             f"plot-{name}-entropy-answer.png": entropy_answer_figsize(),
             f"plot-{name}-top1-heatmap.png": heatmap_figsize(4, int(n_tokens)),
+            f"plot-{name}-raw-vs-norm.png": raw_vs_norm_figsize(),
         }
         for file, (w, h) in expected.items():
             image = mpimg.imread(run / file)
