@@ -154,7 +154,8 @@ def logit_agreement(
     dots = torch.bmm(logits.transpose(0, 1), final_logits.unsqueeze(-1)).squeeze(-1).T
     final_norm = torch.linalg.vector_norm(final_logits, dim=-1).unsqueeze(0)
     cos = dots / (lens_norm * final_norm).clamp_min(torch.finfo(torch.float32).tiny)
-    return cos, ~torch.isfinite(lens_norm)
+    # Logits below ~1e-19 square to zero in the norms (not in the dot): keep cos in [-1, 1].
+    return cos.clamp_(-1.0, 1.0), ~torch.isfinite(lens_norm)
 
 
 def chunk_audit(
@@ -227,7 +228,7 @@ def chunk_audit(
     log_mid = torch.logaddexp(lp_n, lp_r, out=spare).sub_(math.log(2.0))
     js_n = lp_n.sub_(log_mid).mul_(p_n).nansum(dim=-1)  # lp_n spent
     p_r = torch.exp(lp_r, out=lp_n)
-    l1 = p_n.sub_(p_r).abs_().sum(dim=-1)  # p_n spent
+    l1 = p_n.sub_(p_r).abs_().sum(dim=-1).clamp_max(2.0)  # p_n spent
     # Clamped: a one-hot row's log p of +1e-8 would give -0.0000001 bits.
     entropy_raw = (-torch.mul(p_r, lp_r, out=p_n).nansum(dim=-1) / LN2).clamp_min(0.0)
     js_r = lp_r.sub_(log_mid).mul_(p_r).nansum(dim=-1)

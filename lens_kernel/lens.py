@@ -172,6 +172,8 @@ def lens_pass(
     check (default: ``final_logits``).
     """
     rule = rule or CollapseRule()
+    if audit is not None and top_k < 2:
+        raise ValueError(f"the audit reads p1 - p2 from the top-k: top_k must be >= 2, got {top_k}")
     n_rows_layers, batch, _ = inputs.resid_next.shape
     if n_rows_layers != len(norm_plan):
         raise ValueError(
