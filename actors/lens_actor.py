@@ -39,6 +39,7 @@ from lens_kernel import (
     AuditRule,
     CollapseRule,
     LensInputs,
+    LensOutputs,
     NormSpec,
     ParityStats,
     UnembedSpec,
@@ -193,18 +194,7 @@ class LensActor:
         batch = tokenise(self.tokenizer, prompts, self.bos_id, self.pad_id, self.n_ctx)
         with torch.inference_mode():
             model_logits, resid = self._forward(batch, all_positions)
-            out = lens_pass(
-                self._lens_inputs(batch, resid, all_positions),
-                self.norm_plan,
-                self.unembed,
-                top_k=self.config.top_k,
-                rule=self.rule,
-                keep_bias=self.config.keep_layernorm_bias,
-                chunk_bytes=self.config.chunk_bytes,
-                final_norm=self.final_norm,
-                audit=self.audit_rule,
-                head_logits=model_logits,
-            )
+            out = self._lens(self._lens_inputs(batch, resid, all_positions), model_logits)
             parity = parity_stats(model_logits, out.final_logits)
             self._check_parity(batch, parity)
             model_stats = next_token_stats(
@@ -322,11 +312,26 @@ class LensActor:
             **common,
         )
 
+    def _lens(self, inputs: LensInputs, model_logits: torch.Tensor) -> LensOutputs:
+        """The lens pass with this actor's norms, unembedding, rules and audit setting."""
+        return lens_pass(
+            inputs,
+            self.norm_plan,
+            self.unembed,
+            top_k=self.config.top_k,
+            rule=self.rule,
+            keep_bias=self.config.keep_layernorm_bias,
+            chunk_bytes=self.config.chunk_bytes,
+            final_norm=self.final_norm,
+            audit=self.audit_rule,
+            head_logits=model_logits,
+        )
+
     def _echo_ids(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Prompt ids [B, T] (-1 padded) with non-echo tokens set to -1 (see __init__)."""
-        for i in torch.unique(prompt_ids).tolist():
-            if i >= 0 and i not in self._echo_ok:
-                text = self.texts(np.array([i])).to_pylist()[0]
+        new = [i for i in torch.unique(prompt_ids).tolist() if i >= 0 and i not in self._echo_ok]
+        if new:
+            for i, text in zip(new, self.texts(np.array(new)).to_pylist(), strict=True):
                 self._echo_ok[i] = i not in self._special_ids and not _blank_or_punct(text)
         keep = [i for i, ok in self._echo_ok.items() if ok]
         eligible = torch.isin(prompt_ids, torch.tensor(keep, dtype=prompt_ids.dtype))

@@ -56,7 +56,6 @@ def workloads(prompts: list[Any]) -> dict[str, list[list[Any]]]:
 def kernel_call(actor: Any, batch: list[Any], audit: Any) -> Callable[[], Any]:
     """The lens kernel alone on this batch's residuals (forward done once, outside the timing)."""
     from actors.prompts import tokenise
-    from lens_kernel import lens_pass
 
     tokens = tokenise(actor.tokenizer, batch, actor.bos_id, actor.pad_id, actor.n_ctx)
     all_positions = batch[0].positions == "all"
@@ -65,19 +64,9 @@ def kernel_call(actor: Any, batch: list[Any], audit: Any) -> Callable[[], Any]:
     inputs = actor._lens_inputs(tokens, resid, all_positions)
 
     def run() -> Any:
+        actor.audit_rule = audit
         with torch.inference_mode():
-            return lens_pass(
-                inputs,
-                actor.norm_plan,
-                actor.unembed,
-                top_k=actor.config.top_k,
-                rule=actor.rule,
-                keep_bias=actor.config.keep_layernorm_bias,
-                chunk_bytes=actor.config.chunk_bytes,
-                final_norm=actor.final_norm,
-                audit=audit,
-                head_logits=head,
-            )
+            return actor._lens(inputs, head)
 
     return run
 

@@ -482,16 +482,11 @@ def prompt_audit(
 
 
 def cat_rows(parts: list[AuditRows]) -> AuditRows:
-    """Chunks of prompts -> one AuditRows (along the batch dim; [B] fields along dim 0)."""
+    """Chunks of prompts -> one AuditRows, along the batch dim (always each tensor's last)."""
     if len(parts) == 1:
         return parts[0]
     out: dict[str, torch.Tensor | None] = {}
     for f in fields(AuditRows):
         values = [getattr(p, f.name) for p in parts]
-        if values[0] is None:
-            out[f.name] = None
-        elif f.name.startswith("last_"):
-            out[f.name] = torch.cat(values)
-        else:
-            out[f.name] = torch.cat(values, dim=values[0].dim() - 1)
+        out[f.name] = None if values[0] is None else torch.cat(values, dim=-1)
     return AuditRows(**out)  # type: ignore[arg-type]

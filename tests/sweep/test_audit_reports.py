@@ -25,6 +25,7 @@ from sweep.reports.markdown import fmt
 from sweep.reports.plots import DPI, raw_vs_norm_figsize
 from sweep.run import main
 from tests.checkpoints import GEMMA3_GGUF, GEMMA3_PACKAGE, SMOLLM2_GGUF, SMOLLM2_PACKAGE
+from tests.sweep.markdown_tables import table_rows
 
 pytestmark = pytest.mark.slow
 
@@ -126,17 +127,6 @@ def _json_value(value: Any) -> Any:
 
 def _section(text: str) -> str:
     return text[text.index("## 6. Lens-artefact audit") :]
-
-
-def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip().strip("*") for c in line.strip("|").split(" | ")])
-    return rows
 
 
 def _audit_columns() -> list[str]:
@@ -279,7 +269,7 @@ def test_report_names_the_tier_and_says_whether_l_semantic_survives(audited, nam
         f"![answer probability and divergence, normalised vs raw lens](plot-{name}-raw-vs-norm.png)"
         in text
     )
-    table = _table_rows(text, "| layer | KL(norm‖raw)")
+    table = table_rows(text, strip_bold=True, header_start="| layer | KL(norm‖raw)")
     assert len(table) == rows.height == p["n_layers"] + 1
     for cells, r in zip(table, rows.iter_rows(named=True), strict=True):
         assert cells[:10] == [
@@ -288,9 +278,9 @@ def test_report_names_the_tier_and_says_whether_l_semantic_survives(audited, nam
             fmt(r["answer_rank_raw"]), fmt(r["cos_to_final"]), fmt(r["echo_mass"]),
         ]  # fmt: skip
         assert (cells[10] == "-") == (not r["copy_strict@0.7"])
-    controls = _table_rows(text, "| control |")
+    controls = table_rows(text, strip_bold=True, header_start="| control |")
     assert controls[0][:2] == ["`capital-fr`", "`capital-de`"]
-    suite = _table_rows(text, "| layer | median")
+    suite = table_rows(text, strip_bold=True, header_start="| layer | median")
     assert [r[0] for r in suite] == list(SUITE_LAYERS)
 
 
@@ -320,7 +310,7 @@ def test_cross_model_summary_and_table_carry_the_audit(audited):
         "artefact risk",
     ):
         assert f"| {col} |" in header or header.endswith(f"| {col} |")
-    table = {r[0]: r for r in _table_rows(text, "| model | layers")}
+    table = {r[0]: r for r in table_rows(text, strip_bold=True, header_start="| model | layers")}
     for row in parquet.iter_rows(named=True):
         name = row["model"]
         p = _prompts(audited, name).filter(pl.col("role") == "primary").row(0, named=True)

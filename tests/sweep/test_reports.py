@@ -25,6 +25,7 @@ from sweep.reports.plots import (
     raw_vs_norm_figsize,
 )
 from tests.sweep.conftest import reply_json
+from tests.sweep.markdown_tables import table_rows
 
 GOOD = ("tiny-gemma2", "tiny-llama")
 SECTIONS = (
@@ -37,17 +38,6 @@ SECTIONS = (
 )
 
 
-def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
-    lines = markdown.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip("|").split(" | ")])
-    return rows
-
-
 @pytest.mark.parametrize("name", GOOD)
 def test_model_report_has_every_section_and_the_parquet_numbers(first_run, name):
     run = first_run["run"]
@@ -58,7 +48,7 @@ def test_model_report_has_every_section_and_the_parquet_numbers(first_run, name)
     pure = records.filter((pl.col("prompt_id") == "capital-de") & pl.col("is_next_token")).sort(
         "layer"
     )
-    rows = _table_rows(text, "| layer | entropy (bits)")
+    rows = table_rows(text, "| layer | entropy (bits)")
     assert len(rows) == pure.height == 4
     for cells, r in zip(rows, pure.iter_rows(named=True), strict=True):
         cells = [c.strip("*") for c in cells]
@@ -88,8 +78,8 @@ def test_bold_row_is_the_semantic_layer(first_run):
     summary = model.prompts.filter(pl.col("role") == "primary").row(0, named=True)
     for layer in range(rows.height):
         text = _quantitative(rows, {**summary, "L_semantic": layer}, model.n_layers)
-        table_rows = _table_rows(text, "| layer |")
-        bold = [i for i, cells in enumerate(table_rows) if cells[0].startswith("**")]
+        cells_by_row = table_rows(text, "| layer |")
+        bold = [i for i, cells in enumerate(cells_by_row) if cells[0].startswith("**")]
         assert bold == [layer]
 
 
@@ -115,7 +105,7 @@ def test_plots_decode_at_their_expected_size(first_run):
 
 def test_cross_model_report_sorts_models_and_lists_the_failed_one(first_run):
     text = (first_run["run"] / "evaluation-cross-model.md").read_text()
-    rows = _table_rows(text, "| model | layers")
+    rows = table_rows(text, "| model | layers")
     assert sorted(r[0] for r in rows) == list(GOOD)
     depths = [float(r[4]) if r[4] != "n/a" else float("inf") for r in rows]
     assert depths == sorted(depths)
