@@ -116,3 +116,24 @@ def test_a_model_that_overflows_in_float16_is_reported_as_overflow(tiny_checkpoi
         actor.run_batch(PROMPTS)
     fine = LensActor(_config(tmp_path, dtype="float32")).run_batch(PROMPTS)
     assert fine.records.num_rows > 0
+
+
+def test_actors_keep_freed_heap_memory_on_glibc() -> None:
+    """On glibc the actor's allocator setting takes: once a 64 MiB buffer has been freed, the
+    next one of that size reuses its pages (no page faults to pay), as each lens chunk does."""
+    import platform
+    import resource
+
+    from actors.runtime import keep_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory() is True
+    source = torch.ones(16 * 2**20)
+    first = torch.exp(source)  # the first buffer of this size is faulted in, then freed
+    del first
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    again = torch.exp(source)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert again.shape == source.shape
+    assert faults < 1000  # a fresh mapping would take 16384 (64 MiB in 4 KiB pages)
