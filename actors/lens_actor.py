@@ -252,7 +252,7 @@ class LensActor:
         with torch.inference_mode():
             model_logits, resid = self._forward(batch, all_positions=False)
             final = apply_norm(resid[-1], norm, keep_bias=True)
-            return parity_stats(model_logits, self.unembed(final))
+            return parity_stats(model_logits, self.unembed.reference(final))
 
     def _forward(
         self, batch: TokenisedBatch, all_positions: bool

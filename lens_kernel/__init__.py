@@ -5,7 +5,7 @@ Imports torch only: no Ray, no Arrow, no files, no tokenizer strings.
 
 from lens_kernel.audit import AuditRows, AuditRule, PromptAudit, artefact_score
 from lens_kernel.collapse import CollapseRule, PromptCollapse, collapse_layers, first_true_layer
-from lens_kernel.lens import LensInputs, LensOutputs, UnembedSpec, decode_rows, lens_pass
+from lens_kernel.lens import LensInputs, LensOutputs, decode_rows, lens_pass
 from lens_kernel.metrics import (
     NextTokenStats,
     RowStats,
@@ -25,6 +25,7 @@ from lens_kernel.parity import (
     parity_failures,
     parity_stats,
 )
+from lens_kernel.unembed import UnembedSpec
 
 __all__ = [
     "EPS",

@@ -25,36 +25,10 @@ from lens_kernel.metrics import (
     row_stats,
 )
 from lens_kernel.norms import NormSpec, apply_norm
+from lens_kernel.unembed import UnembedSpec
 
 DEFAULT_CHUNK_BYTES = 512 * 2**20
 _PLAN_LAST = object()  # lens_pass default: the reference uses the plan's last-layer norm
-
-
-@dataclass(frozen=True, eq=False)
-class UnembedSpec:
-    """logits = softcap(x @ W_U + b_U), all float32.
-
-    softcap (Gemma 2/3 ``final_logit_softcapping``): logits = cap * tanh(z / cap).
-    """
-
-    W_U: torch.Tensor  # [d_model, vocab] float32
-    b_U: torch.Tensor | None = None  # [vocab] float32
-    softcap: float | None = None
-
-    @property
-    def d_vocab(self) -> int:
-        return int(self.W_U.shape[1])
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for rows x [..., d_model]; ``out`` is an optional float32 buffer to write into."""
-        # In place after the matmul: the same kernels and operand order, without new [rows, V]
-        # tensors (inference only: autograd cannot differentiate through tanh_ then mul_).
-        logits = torch.matmul(x.float(), self.W_U, out=out)
-        if self.b_U is not None:
-            logits.add_(self.b_U)
-        if self.softcap is not None:
-            logits.div_(self.softcap).tanh_().mul_(self.softcap)
-        return logits
 
 
 def decode_rows(
@@ -187,7 +161,9 @@ def lens_pass(
     per_chunk = _rows_per_chunk(unembed.d_vocab, chunk_bytes) // (2 if audit else 1)
     per_chunk = max(1, per_chunk // n_rows_layers)
     if isinstance(final_norm, NormSpec) or final_norm is None:
-        final_logits = unembed(apply_norm(inputs.resid_next[-1], final_norm, keep_bias=True))
+        final_logits = unembed.reference(
+            apply_norm(inputs.resid_next[-1], final_norm, keep_bias=True)
+        )
     else:
         final_logits = decode_rows(
             inputs.resid_next[-1], layer_ids[-1].expand(batch), norm_plan, unembed, keep_bias
