@@ -36,6 +36,9 @@ class ActorConfig:
     # The lens-artefact audit (lens_kernel/audit.py) on next-token rows; off: its columns are null.
     audit: bool = True
     chunk_bytes: int = 512 * 2**20
+    # torch's intra-op threads: the driver sets the CPUs Ray reserved for the actor (Ray's
+    # OMP_NUM_THREADS would otherwise hold a CPU actor to one core). None: torch's default.
+    torch_threads: int | None = None
     cache_dir: str = str(DEFAULT_CACHE_DIR)
     # Runs on the CPU when the placed device is absent, and says so in the diagnostics; for
     # testing placement on machines without the hardware. Off by default.

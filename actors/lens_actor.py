@@ -30,7 +30,7 @@ from actors.devices import peak_memory_bytes, verify_placement, weight_device_ma
 from actors.errors import DeviceUnavailable, NumericOverflow, ParityError
 from actors.prompts import PromptSpec, TokenisedBatch, bos_policy, tokenise
 from actors.records import TokenTexts, records_batch, summary_batch
-from actors.runtime import check_device, keep_freed_memory, set_determinism
+from actors.runtime import check_device, keep_freed_memory, set_determinism, set_threads
 from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA, SCHEMA_VERSION
 from actors.sources import architecture_of, load_config, load_hf, locate
 from lens_kernel import (
@@ -82,6 +82,8 @@ class LensActor:
     def __init__(self, config: ActorConfig) -> None:
         t0 = time.perf_counter()
         self.config = config
+        # First, before any parallel work: the threads Ray reserved CPUs for.
+        self.torch_threads = set_threads(config.torch_threads)
         # Whether the worker's environment (the sweep's Ray runtime env) already had what CUDA
         # determinism needs before this process could touch CUDA, or the actor had to set it.
         self.worker_env_preset = all(os.environ.get(k) == v for k, v in WORKER_ENV.items())
@@ -462,6 +464,7 @@ class LensActor:
             "device": str(self.device),
             "weight_devices": [str(d) for d in self.weight_devices],
             "simulated_device": self.simulated_device,
+            "torch_threads": self.torch_threads,  # torch's intra-op threads after set_threads
             "bos_policy": self.bos_policy,
             "seed": self.config.seed,
             "deterministic": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -36,6 +37,26 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _HEAP_KEPT_BYTES)
     )
+
+
+def set_threads(n: int | None) -> int:
+    """Run torch on ``n`` threads, the CPUs Ray reserved for this actor; None: torch's default.
+
+    Ray sets OMP_NUM_THREADS to an actor's ``num_cpus``, so without this a CPU actor that
+    reserved a node's cores would still compute on its default share. The inter-op pool can be
+    sized only once per process, before any parallel work: where that has passed it is left as
+    it is. Returns the intra-op thread count torch then uses.
+    """
+    if n is None:
+        return torch.get_num_threads()
+    if n < 1:
+        raise ValueError(f"torch_threads must be a positive number of threads, got {n}")
+    torch.set_num_threads(n)
+    # Refused where the pool is already sized or parallel work has started in this process.
+    with contextlib.suppress(RuntimeError):
+        if torch.get_num_interop_threads() != n:
+            torch.set_num_interop_threads(n)
+    return torch.get_num_threads()
 
 
 def set_determinism(seed: int = DEFAULT_SEED) -> None:

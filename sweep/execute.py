@@ -160,6 +160,7 @@ def run_models(
                 dtype=value["dtype"]["compute"],
                 device=value["device"],
                 simulated_device=value.get("simulated_device"),
+                torch_threads=value.get("torch_threads"),
                 load_s=round(value["timings"]["load_s"], 3),
                 lens_s=round(value["timings"]["lens_s"], 3),
                 parity_max_abs=value["parity"]["max_abs_lens_minus_model_logits"],

@@ -40,7 +40,8 @@ def _record(out: Path, name: str, prompt: PromptSpec, diagnostics: dict) -> None
         Ledger.load(out) if (out / "ledger.json").is_file() else Ledger.create(out, "sweep.one")
     )
     ledger.update(name, status="ok", device=diagnostics["device"], dtype=diagnostics["dtype"]["compute"],
-                  parity_max_abs=diagnostics["parity"]["max_abs_lens_minus_model_logits"])  # fmt: skip
+                  parity_max_abs=diagnostics["parity"]["max_abs_lens_minus_model_logits"],
+                  torch_threads=diagnostics.get("torch_threads"))  # fmt: skip
     write_json(
         out / "manifest.resolved.json",
         {"prompts": [asdict(prompt)], "sweep": {"lens": diagnostics["lens"]}},

@@ -1,6 +1,7 @@
 """Placement planner: each model to cuda -> mps -> cpu on a node whose free memory fits it.
 
-A model larger than any one GPU takes the fewest whole GPUs of one node that hold it.
+A model larger than any one GPU takes the fewest whole GPUs of one node that hold it. A model on
+a node's CPU reserves a share of that node's cores and runs torch on that many threads.
 
 Pure: takes node snapshots and model estimates, returns placements that the driver turns into
 Ray resource requests plus node affinity, so Ray itself does the scheduling.
@@ -9,7 +10,7 @@ Ray resource requests plus node affinity, so Ray itself does the scheduling.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 DEVICE_ORDER = ("cuda", "mps", "cpu")
@@ -62,13 +63,16 @@ class Placement:
     n_gpus: int = 1  # whole CUDA GPUs of one node a model split across them takes
     est_bytes_per_gpu: tuple[int, ...] = ()  # a split model's estimate per GPU, lens GPU first
     mps_resource: str | None = None  # the Ray resource that holds an MPS device: "GPU" | "mps"
+    # Whole CPUs Ray reserves for the actor; never more than its node has (see _share_cpus).
+    cpus: int = 1
 
     def ray_options(self) -> dict[str, Any]:
         """Ray actor options: the resource that holds the device, pinned to the planned node."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         opts: dict[str, Any] = {
-            "num_cpus": 1,
+            # Ray sets OMP_NUM_THREADS to this in the worker; the actor sets torch to match.
+            "num_cpus": self.cpus,
             "scheduling_strategy": NodeAffinitySchedulingStrategy(self.node_id, soft=False),
         }
         if self.device_kind == "cuda":
@@ -93,6 +97,11 @@ class Placement:
     def devices(self) -> tuple[str, ...]:
         """The GPUs a split model's blocks go over, as the actor sees them; () for one device."""
         return tuple(f"cuda:{i}" for i in range(self.n_gpus)) if self.n_gpus > 1 else ()
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads for torch in the actor: its reserved CPUs, at least one."""
+        return max(1, self.cpus)
 
     @property
     def label(self) -> str:
@@ -178,7 +187,36 @@ def plan(demands: list[ModelDemand], nodes: list[NodeInfo]) -> list[Placement]:
         if chosen is None:
             chosen = Placement(d.name, "skipped_no_fit", reason=_no_fit_reason(d, kinds, book))
         placements.append(chosen)
-    return placements
+    return _share_cpus(placements, book.nodes)
+
+
+def _share_cpus(placements: list[Placement], nodes: dict[str, NodeInfo]) -> list[Placement]:
+    """Each planned model's CPU reservation: a CPU-placed model computes on its cores.
+
+    Per node, with C its whole CPUs: a CUDA or MPS actor (simulated ones included) takes one
+    CPU for its host-side work. The n CPU-placed models split what those leave, P (all C for a
+    model alone): floor(P / n) each, and the P mod n cores left over go one each to the first
+    of them in plan order (the manifest's), so the split is reproducible and uses every core.
+    Each model gets at least one CPU and none more than C, so Ray can always grant the request
+    (a node with more models than CPUs runs some in turn); a node with no whole CPU (C = 0)
+    gets requests of 0, never one it cannot grant.
+    """
+    shared = []
+    for p in placements:
+        if p.status != "planned" or p.node_id is None:
+            shared.append(p)
+            continue
+        whole = int(nodes[p.node_id].cpus)
+        on_node = [q for q in placements if q.status == "planned" and q.node_id == p.node_id]
+        on_cpu = [q.name for q in on_node if q.device_kind == "cpu"]
+        if p.device_kind != "cpu":
+            shared.append(replace(p, cpus=min(1, whole)))
+            continue
+        pool = max(0, whole - (len(on_node) - len(on_cpu)))
+        base, extra = divmod(pool, len(on_cpu))
+        cpus = base + (on_cpu.index(p.name) < extra)
+        shared.append(replace(p, cpus=min(whole, max(1, cpus))))
+    return shared
 
 
 def _place_single(d: ModelDemand, kind: str, book: _Book) -> Placement | None:

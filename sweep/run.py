@@ -274,8 +274,9 @@ def _sweep(
             ledger.update(p.name, status="skipped_no_fit", error=p.reason, **fields)
             continue
         ledger.update(
-            p.name, node_id=p.node_id, node_ip=p.node_ip, device_kind=p.device_kind, **fields
-        )
+            p.name, node_id=p.node_id, node_ip=p.node_ip, device_kind=p.device_kind, cpus=p.cpus,
+            **fields,
+        )  # fmt: skip
         runnable.append(p)
     configs = [
         replace(
@@ -283,6 +284,7 @@ def _sweep(
             device=p.device,
             devices=p.devices,
             simulate_missing_device=p.simulated,
+            torch_threads=p.torch_threads,
         )
         for p in runnable
     ]
