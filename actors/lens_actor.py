@@ -79,6 +79,11 @@ def _versions() -> dict[str, str]:
 class LensActor:
     """Loads a model through TransformerLens and runs the deterministic lens pass on batches."""
 
+    # The model's logits are read at next-token positions only, in both positions modes, so its
+    # head runs there only (see _forward). False: the head at every position, as before; for
+    # benches and tests that compare the two.
+    _head_where_read: bool = True
+
     def __init__(self, config: ActorConfig) -> None:
         t0 = time.perf_counter()
         self.config = config
@@ -259,33 +264,47 @@ class LensActor:
     def _forward(
         self, batch: TokenisedBatch, all_positions: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model logits at next-token positions [B, V] (float32) and the hooked residuals."""
+        """Model logits at next-token positions [B, V] (float32) and the hooked residuals.
+
+        The logits are the model's own: its lm_head and soft cap, run on the next-token rows
+        only (a hook on ``unembed.hook_in``), which is all anything reads. Not HF's
+        ``logits_to_keep``: with right padding its 1-D form keeps every distinct next position
+        for every prompt (B x distinct rows), and its per-prompt 2-D form is too recent."""
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
-        next_pos = batch.next_pos.to(self.device)
-        rows = torch.arange(ids.shape[0], device=self.device)
+        at_next = _NextTokenRows(batch.next_pos)
         captured: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
 
         def keep(layer: int):
             def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
-                # Keep only the positions the lens needs, gathered onto the lens device (a split
-                # model's blocks run elsewhere); the full tensor is freed with the layer.
-                here = x.detach().to(self.device)
-                captured[layer] = here.clone() if all_positions else here[rows, next_pos]
+                # Keep only the positions the lens needs: gathered where the layer ran, then
+                # moved to the lens device (a split model's blocks run elsewhere); the full
+                # tensor is freed with the layer.
+                seen = x.detach()
+                captured[layer] = (
+                    seen.to(self.device, copy=True)
+                    if all_positions
+                    else at_next(seen).to(self.device)
+                )
                 return x
 
             return hook
 
-        logits = self.bridge.run_with_hooks(
-            ids,
-            attention_mask=mask,
-            fwd_hooks=[(n, keep(i)) for i, n in enumerate(self.hook_names)],
-        )
+        def head_at_next(x: torch.Tensor, hook: Any) -> torch.Tensor:
+            # The final-normed hidden state entering the model's own lm_head: [B, T, d] ->
+            # [B, 1, d], so the head (and Gemma's softcap after it) runs on one row per prompt.
+            return at_next(x).unsqueeze(1)
+
+        hooks = [(n, keep(i)) for i, n in enumerate(self.hook_names)]
+        if self._head_where_read:
+            hooks.append(("unembed.hook_in", head_at_next))
+        logits = self.bridge.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks)
         missing = [self.hook_names[i] for i, t in enumerate(captured) if t is None]
         if missing:
             raise RuntimeError(f"hooks did not fire: {missing}")
         resid = torch.stack([t for t in captured if t is not None])  # [layers, B, (T,) d]
-        return logits.to(self.device)[rows, next_pos].float(), resid
+        head = logits[:, 0] if self._head_where_read else at_next(logits)  # [B, V]
+        return head.to(self.device).float(), resid
 
     def _lens_inputs(
         self, batch: TokenisedBatch, resid: torch.Tensor, all_positions: bool
@@ -505,6 +524,22 @@ class LensActor:
             "batches": self.batches_done,
             "versions": _versions(),
         }
+
+
+class _NextTokenRows:
+    """Gathers each prompt's next-token row, [B, T, ...] -> [B, ...], on whatever device the
+    tensor is on (a split model's layers run on several); index copies are made once per device."""
+
+    def __init__(self, next_pos: torch.Tensor) -> None:
+        self.next_pos = next_pos
+        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device not in self._index:
+            pos = self.next_pos.to(x.device)
+            self._index[x.device] = (torch.arange(pos.shape[0], device=x.device), pos)
+        rows, pos = self._index[x.device]
+        return x[rows, pos]
 
 
 def _blank_or_punct(text: str) -> bool:
