@@ -11,10 +11,12 @@ from lens_kernel.metrics import (
     RowStats,
     entropy_bits,
     kl_bits,
+    next_token_rows,
     next_token_stats,
-    next_token_stats_from_log_probs,
     row_stats,
+    softmax_rows,
     temperature_topk,
+    topk_by_blocks,
 )
 from lens_kernel.norms import LENS_MODES, NormSpec, apply_norm, build_norm_plan
 from lens_kernel.parity import (
@@ -53,10 +55,12 @@ __all__ = [
     "first_true_layer",
     "kl_bits",
     "lens_pass",
+    "next_token_rows",
     "next_token_stats",
-    "next_token_stats_from_log_probs",
     "parity_failures",
     "parity_stats",
     "row_stats",
+    "softmax_rows",
     "temperature_topk",
+    "topk_by_blocks",
 ]

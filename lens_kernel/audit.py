@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from lens_kernel.collapse import first_true_layer
-from lens_kernel.metrics import LN2
+from lens_kernel.metrics import LN2, SoftmaxRows, count_above, softmax_rows
 
 
 @dataclass(frozen=True)
@@ -119,146 +119,153 @@ def unique_ids(ids: torch.Tensor) -> torch.Tensor:
     return s.masked_fill(repeat, -1)
 
 
-def _gather_probs(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """p[l, b, ids[b, j]] for [layers, B, V] log-probs and [B, J] ids; 0 where an id is -1."""
-    n_layers = log_probs.shape[0]
-    idx = ids.clamp_min(0).unsqueeze(0).expand(n_layers, *ids.shape)
-    return log_probs.gather(-1, idx).exp().masked_fill(ids.unsqueeze(0) < 0, 0.0)
+def logit_agreement(
+    logits: torch.Tensor, final_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cosine(row logits, the model's final logits) and whether a logit is NaN or inf, for
+    [n, V] logits of one prompt and its final logits [V] (read before the logits are shifted)."""
+    lens_norm = torch.linalg.vector_norm(logits, dim=-1)  # inf / nan where a logit is
+    dots = torch.mv(logits, final_logits)
+    final_norm = torch.linalg.vector_norm(final_logits)
+    cos = dots / (lens_norm * final_norm).clamp_min(torch.finfo(torch.float32).tiny)
+    # Logits below ~1e-19 square to zero in the norms (not in the dot): keep cos in [-1, 1].
+    return cos.clamp_(-1.0, 1.0), ~torch.isfinite(lens_norm)
 
 
-def _log_softmax_(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """log_softmax of [..., V] logits in place (``scratch``: a same-shaped buffer, overwritten)."""
-    top = logits.amax(dim=-1, keepdim=True)
-    lse = torch.sub(logits, top, out=scratch).exp_().sum(dim=-1, keepdim=True).log_().add_(top)
-    return logits.sub_(lse)
+def rows_audit(
+    norm: SoftmaxRows,
+    raw_logits: torch.Tensor,
+    raw_probs: torch.Tensor,
+    scratch: torch.Tensor,
+    spare: torch.Tensor,
+    cos_to_final: torch.Tensor,
+    lens_nonfinite: torch.Tensor,
+    head_log_probs: torch.Tensor | None,
+    answer_rank: torch.Tensor,
+    entropy_bits: torch.Tensor,
+    answer_id: torch.Tensor,
+    foil_id: torch.Tensor,
+    echo_ids: torch.Tensor,
+    rule: AuditRule,
+) -> AuditRows:
+    """The audit of m consecutive layers' next-token rows of one prompt; fields [m, 1].
+
+    norm: the lens decode (``softmax_rows``, top-k of at least rule.jaccard_k or the
+    vocabulary); raw_logits [m, V]: the raw decode (shifted in place); raw_probs, scratch,
+    spare: [m, V] float32 buffers (overwritten); cos_to_final / lens_nonfinite [m] from
+    ``logit_agreement``; head_log_probs [1, V]: the model head's log-probs when the last row is
+    the last layer (its consistency check), else None; answer_rank / entropy_bits [m] of the
+    lens; answer_id / foil_id [1] (-1: none); echo_ids [1, T] distinct prompt ids eligible as
+    echoes (-1 padded).
+    """
+    m, vocab = norm.shifted.shape
+    k = min(rule.jaccard_k, norm.top_ids.shape[1])
+    answer = answer_id.expand(m)
+    has_answer = answer >= 0
+    safe_answer = answer.clamp_min(0).unsqueeze(-1)
+    nan = torch.full((m,), math.nan, device=norm.shifted.device)
+
+    # Gates: margin over uniform, logit gap to the best other token, and under rescaled logits.
+    answer_logp = norm.log_probs_at(safe_answer).squeeze(-1)
+    top_logp, top_ids = norm.top_log_probs, norm.top_ids
+    top1_is_answer = top_ids[:, 0] == answer
+    rival = torch.where(top1_is_answer, top_logp[:, 1], top_logp[:, 0])
+    gap = torch.where(has_answer, answer_logp - rival, nan)  # log-prob gaps are logit gaps
+    minus_uniform = torch.where(has_answer, answer_logp.exp() - 1.0 / vocab, nan)
+    scaled = torch.full((len(rule.gate_scales), m), math.nan, device=nan.device)
+    at_top = ((answer_rank == 1) & has_answer).nonzero(as_tuple=True)[0]
+    if at_top.numel():
+        # softmax(s z) = softmax(s log p): the rows' log-probs, rescaled.
+        rows = norm.shifted[at_top] - norm.log_norm[at_top].unsqueeze(-1)
+        ans = answer_logp[at_top]
+        for i, s in enumerate(rule.gate_scales):
+            scaled[i, at_top] = torch.exp(s * ans - torch.logsumexp(rows * s, dim=-1))
+
+    # Surface: mass on the prompt's own tokens, their share of the top mass, the foil.
+    echo_idx = echo_ids.clamp_min(0).expand(m, -1)
+    echo = norm.probs.gather(-1, echo_idx).masked_fill_(echo_ids < 0, 0.0).sum(dim=-1)
+    norm_top = top_ids[:, :k]
+    top_p = top_logp[:, :k].exp()
+    in_prompt = (norm_top.unsqueeze(-1) == echo_ids.view(1, 1, -1)).any(dim=-1)
+    share = (top_p * in_prompt).sum(dim=-1) / top_p.sum(dim=-1)
+    foil_p = norm.probs.gather(-1, foil_id.clamp_min(0).expand(m).unsqueeze(-1)).squeeze(-1)
+    foil = torch.where(foil_id >= 0, foil_p, nan)
+    if head_log_probs is None:
+        last_kl = last_t = last_after = nan[:1]
+    else:
+        last = norm.shifted[-1:] - norm.log_norm[-1:].unsqueeze(-1)
+        last_kl, last_t, last_after = fit_temperature(last, head_log_probs, rule)
+
+    # Raw lens: its own softmax, rank and top-k, then its divergences from the lens. Every
+    # [m, V] step writes into one of the given buffers: a fresh one costs more than the
+    # arithmetic in it. Terms are formed before the sums; nansum drops 0 * inf (p = 0).
+    nonfinite = lens_nonfinite | ~torch.isfinite(torch.linalg.vector_norm(raw_logits, dim=-1))
+    raw = softmax_rows(raw_logits, raw_probs, scratch, k)
+    raw_answer = raw.shifted.gather(-1, safe_answer).squeeze(-1)
+    raw_answer_logp = raw_answer - raw.log_norm
+    raw_rank = 1 + count_above(raw.shifted, raw.top_shifted, raw_answer)
+    raw_top_ids = raw.top_ids[:, :k]
+    p_n, p_r = norm.probs, raw.probs
+    ln_n, ln_r = norm.log_norm.unsqueeze(-1), raw.log_norm.unsqueeze(-1)
+    kl_nr = torch.sub(norm.shifted, raw.shifted, out=scratch).sub_(ln_n - ln_r)
+    kl_nr = kl_nr.mul_(p_n).nansum(dim=-1)
+    log_mid = torch.add(p_n, p_r, out=spare).mul_(0.5).log_()
+    js_n = torch.sub(norm.shifted, log_mid, out=scratch).sub_(ln_n).mul_(p_n).nansum(dim=-1)
+    js_r = torch.sub(raw.shifted, log_mid, out=scratch).sub_(ln_r).mul_(p_r).nansum(dim=-1)
+    l1 = torch.sub(p_n, p_r, out=scratch).abs_().sum(dim=-1).clamp_max(2.0)
+    entropy_raw = raw.entropy_nats / LN2
+    inter = (norm_top.unsqueeze(-1) == raw_top_ids.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
+    jaccard = inter.float() / (norm_top.shape[-1] + raw_top_ids.shape[-1] - inter).float()
+
+    def col(x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(-1)
+
+    return AuditRows(
+        p_top5=col(top_logp[:, : rule.top_mass_k].exp().sum(dim=-1)),
+        cos_to_final=col(cos_to_final),
+        answer_prob_raw=col(torch.where(has_answer, raw_answer_logp.exp(), nan)),
+        answer_rank_raw=col(torch.where(has_answer, raw_rank, torch.full_like(raw_rank, -1))),
+        top1_id_raw=col(raw_top_ids[:, 0]),
+        entropy_raw_bits=col(entropy_raw),
+        entropy_gap_bits=col(entropy_bits - entropy_raw),
+        kl_norm_raw_bits=col((kl_nr / LN2).clamp_min(0.0)),
+        js_norm_raw_bits=col((0.5 * (js_n + js_r) / LN2).clamp(0.0, 1.0)),
+        l1_norm_raw=col(l1),
+        jaccard_top_raw_norm=col(jaccard),
+        answer_minus_uniform=col(minus_uniform),
+        answer_logit_gap=col(gap),
+        answer_prob_scaled=col(scaled),
+        foil_prob=col(foil),
+        echo_mass=col(echo),
+        top_prompt_share=col(share),
+        nonfinite_logits=col(nonfinite),
+        last_kl_to_head_bits=last_kl,
+        last_temperature=last_t,
+        last_kl_after_temperature_bits=last_after,
+    )
 
 
-def _count_above(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Per row of [..., V] values: how many exceed threshold [...] (int64; summed in int32,
-    several times faster than a bool tensor's default int64 sum)."""
-    return (values > threshold.unsqueeze(-1)).sum(dim=-1, dtype=torch.int32).long()
+def stack_layers(parts: list[AuditRows]) -> AuditRows:
+    """One prompt's ``rows_audit`` parts, in layer order -> one AuditRows [layers, 1]; the
+    last-layer fields come from the last part."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, torch.Tensor | None] = {}
+    for f in fields(AuditRows):
+        values = [getattr(p, f.name) for p in parts]
+        if values[0] is None:
+            out[f.name] = None
+        elif f.name.startswith("last_"):
+            out[f.name] = values[-1]
+        else:
+            out[f.name] = torch.cat(values, dim=-2)
+    return AuditRows(**out)  # type: ignore[arg-type]
 
 
 def _xlogy_diff_sum(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """sum_v p_v (log p_v - log q_v) in nats; a term is 0 where p_v is 0."""
     terms = torch.sub(log_p, log_q).mul_(p)
     return terms.masked_fill_(~(p > 0), 0.0).sum(dim=-1)
-
-
-def logit_agreement(
-    logits: torch.Tensor, final_logits: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cosine(layer logits, the model's final logits) and whether a logit is NaN or inf, for
-    logits [layers, B, V] and final_logits [B, V] (read before the logits become scratch)."""
-    lens_norm = torch.linalg.vector_norm(logits, dim=-1)  # inf / nan where a logit is
-    dots = torch.bmm(logits.transpose(0, 1), final_logits.unsqueeze(-1)).squeeze(-1).T
-    final_norm = torch.linalg.vector_norm(final_logits, dim=-1).unsqueeze(0)
-    cos = dots / (lens_norm * final_norm).clamp_min(torch.finfo(torch.float32).tiny)
-    # Logits below ~1e-19 square to zero in the norms (not in the dot): keep cos in [-1, 1].
-    return cos.clamp_(-1.0, 1.0), ~torch.isfinite(lens_norm)
-
-
-def chunk_audit(
-    log_probs: torch.Tensor,
-    raw_logits: torch.Tensor,
-    scratch: torch.Tensor,
-    cos_to_final: torch.Tensor,
-    lens_nonfinite: torch.Tensor,
-    head_log_probs: torch.Tensor,
-    top_logp: torch.Tensor,
-    top_ids: torch.Tensor,
-    answer_ids: torch.Tensor,
-    answer_rank: torch.Tensor,
-    entropy_bits: torch.Tensor,
-    foil_ids: torch.Tensor,
-    echo_ids: torch.Tensor,
-    rule: AuditRule,
-) -> AuditRows:
-    """The audit of one chunk of next-token rows.
-
-    log_probs [layers, B, V]: the lens (normalised) decode (overwritten); raw_logits
-    [layers, B, V]: the raw decode (overwritten); scratch: a spent [layers, B, V] float32 buffer (overwritten);
-    cos_to_final / lens_nonfinite [layers, B] from ``logit_agreement``; head_log_probs [B, V]:
-    the model head's log-probs (last-layer consistency); top_logp / top_ids [layers, B, K]
-    with K >= rule.jaccard_k (or the vocabulary); entropy_bits [layers, B] of the lens decode;
-    echo_ids [B, T] distinct prompt ids eligible as echoes (-1 padded).
-    """
-    n_layers, batch, vocab = log_probs.shape
-    has_answer = (answer_ids >= 0).view(1, batch)
-    k = rule.jaccard_k
-    safe_answer = answer_ids.clamp_min(0).view(1, batch, 1).expand(n_layers, batch, 1)
-    nan = torch.full((n_layers, batch), math.nan, device=log_probs.device)
-
-    # Gates: margin over uniform, logit gap to the best other token, and under rescaled logits.
-    answer_logp = log_probs.gather(-1, safe_answer).squeeze(-1)
-    top1_is_answer = top_ids[..., 0] == answer_ids.view(1, batch)
-    rival = torch.where(top1_is_answer, top_logp[..., 1], top_logp[..., 0])
-    gap = torch.where(has_answer, answer_logp - rival, nan)  # log-prob gaps are logit gaps
-    minus_uniform = torch.where(has_answer, answer_logp.exp() - 1.0 / vocab, nan)
-    scaled = torch.full((len(rule.gate_scales), n_layers, batch), math.nan, device=nan.device)
-    at_top = ((answer_rank == 1) & has_answer).reshape(-1).nonzero(as_tuple=True)[0]
-    if at_top.numel():
-        rows = log_probs.reshape(-1, vocab)[at_top]  # softmax(s z) = softmax(s log p)
-        ans = answer_logp.reshape(-1)[at_top]
-        for i, s in enumerate(rule.gate_scales):
-            scaled[i].view(-1)[at_top] = torch.exp(s * ans - torch.logsumexp(rows * s, dim=-1))
-
-    # Surface: mass on the prompt's own tokens, their share of the top mass, the foil.
-    echo = _gather_probs(log_probs, echo_ids).sum(dim=-1)
-    norm_top = top_ids[..., :k]
-    top_p = top_logp[..., :k].exp()
-    in_prompt = (norm_top.unsqueeze(-1) == echo_ids.view(1, batch, 1, -1)).any(dim=-1)
-    share = (top_p * in_prompt).sum(dim=-1) / top_p.sum(dim=-1)
-    has_foil = (foil_ids >= 0).view(1, batch)
-    foil = torch.where(has_foil, _gather_probs(log_probs, foil_ids.view(batch, 1))[..., 0], nan)
-    last_kl, last_t, last_after = fit_temperature(log_probs[-1], head_log_probs, rule)
-
-    # Raw lens: log-probs in place, its own rank and top-k, then the divergences from the lens.
-    # Every [layers, B, V] step writes into one of four buffers (log_probs, raw, scratch, spare),
-    # reused in turn: a fresh buffer per step costs more than the arithmetic in it. The lens's
-    # log-probs are overwritten too (everything that reads them is above).
-    nonfinite = lens_nonfinite | ~torch.isfinite(torch.linalg.vector_norm(raw_logits, dim=-1))
-    lp_r = _log_softmax_(raw_logits, scratch)
-    raw_answer_logp = lp_r.gather(-1, safe_answer).squeeze(-1)
-    raw_rank = 1 + _count_above(lp_r, raw_answer_logp)
-    raw_top_ids = torch.topk(lp_r, k=min(k, vocab), dim=-1, sorted=True).indices
-    lp_n, spare = log_probs, torch.empty_like(lp_r)
-    p_n = torch.exp(lp_n, out=scratch)
-    kl_nr = torch.sub(lp_n, lp_r, out=spare).mul_(p_n).nansum(dim=-1)
-    log_mid = torch.logaddexp(lp_n, lp_r, out=spare).sub_(math.log(2.0))
-    js_n = lp_n.sub_(log_mid).mul_(p_n).nansum(dim=-1)  # lp_n spent
-    p_r = torch.exp(lp_r, out=lp_n)
-    l1 = p_n.sub_(p_r).abs_().sum(dim=-1).clamp_max(2.0)  # p_n spent
-    # Clamped: a one-hot row's log p of +1e-8 would give -0.0000001 bits.
-    entropy_raw = (-torch.mul(p_r, lp_r, out=p_n).nansum(dim=-1) / LN2).clamp_min(0.0)
-    js_r = lp_r.sub_(log_mid).mul_(p_r).nansum(dim=-1)
-    del spare, log_mid, p_r, p_n, lp_n, lp_r
-    inter = (norm_top.unsqueeze(-1) == raw_top_ids.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
-    jaccard = inter.float() / (norm_top.shape[-1] + raw_top_ids.shape[-1] - inter).float()
-
-    return AuditRows(
-        p_top5=top_logp[..., : rule.top_mass_k].exp().sum(dim=-1),
-        cos_to_final=cos_to_final,
-        answer_prob_raw=torch.where(has_answer, raw_answer_logp.exp(), nan),
-        answer_rank_raw=torch.where(has_answer, raw_rank, torch.full_like(raw_rank, -1)),
-        top1_id_raw=raw_top_ids[..., 0],
-        entropy_raw_bits=entropy_raw,
-        entropy_gap_bits=entropy_bits - entropy_raw,
-        kl_norm_raw_bits=(kl_nr / LN2).clamp_min(0.0),
-        js_norm_raw_bits=(0.5 * (js_n + js_r) / LN2).clamp(0.0, 1.0),
-        l1_norm_raw=l1,
-        jaccard_top_raw_norm=jaccard,
-        answer_minus_uniform=minus_uniform,
-        answer_logit_gap=gap,
-        answer_prob_scaled=scaled,
-        foil_prob=foil,
-        echo_mass=echo,
-        top_prompt_share=share,
-        nonfinite_logits=nonfinite,
-        last_kl_to_head_bits=last_kl,
-        last_temperature=last_t,
-        last_kl_after_temperature_bits=last_after,
-    )
 
 
 def fit_temperature(

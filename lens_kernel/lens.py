@@ -11,23 +11,28 @@ from lens_kernel.audit import (
     AuditRule,
     PromptAudit,
     cat_rows,
-    chunk_audit,
     logit_agreement,
     prompt_audit,
+    rows_audit,
+    stack_layers,
     unique_ids,
 )
 from lens_kernel.collapse import CollapseRule, PromptCollapse, collapse_layers
 from lens_kernel.metrics import (
     NextTokenStats,
     RowStats,
-    log_prob_stats,
-    next_token_stats_from_log_probs,
+    next_token_rows,
     row_stats,
+    softmax_row_stats,
+    softmax_rows,
 )
 from lens_kernel.norms import NormSpec, apply_norm
 from lens_kernel.unembed import UnembedSpec
 
 DEFAULT_CHUNK_BYTES = 512 * 2**20
+# Softmax passes run on row slices of about this many bytes of logits: within a last-level
+# cache, so that the passes after the first read cache, not memory.
+CACHE_BYTES = 4 * 2**20
 _PLAN_LAST = object()  # lens_pass default: the reference uses the plan's last-layer norm
 
 
@@ -156,10 +161,13 @@ def lens_pass(
     device = inputs.resid_next.device
     layer_ids = torch.arange(n_rows_layers, device=device)
 
-    # Next-token rows, chunked over prompts so [layers, chunk, V] stays within the budget (the
-    # audit holds about twice the buffers: the raw decode and its probabilities).
-    per_chunk = _rows_per_chunk(unembed.d_vocab, chunk_bytes) // (2 if audit else 1)
+    # Next-token rows, prompt-major ([prompt, layer]), decoded in chunks of prompts whose logits
+    # fit the budget (twice over with the audit: its raw decode), then read in cache-sized
+    # slices of one prompt's layers (see CACHE_BYTES).
+    vocab = unembed.d_vocab
+    per_chunk = _rows_per_chunk(vocab, chunk_bytes) // (2 if audit else 1)
     per_chunk = max(1, per_chunk // n_rows_layers)
+    sub = max(1, min(n_rows_layers, CACHE_BYTES // (4 * vocab)))
     if isinstance(final_norm, NormSpec) or final_norm is None:
         final_logits = unembed.reference(
             apply_norm(inputs.resid_next[-1], final_norm, keep_bias=True)
@@ -169,6 +177,8 @@ def lens_pass(
             inputs.resid_next[-1], layer_ids[-1].expand(batch), norm_plan, unembed, keep_bias
         )
     final_log_probs = torch.log_softmax(final_logits, dim=-1)
+    k_next = min(max(top_k, 2, 0 if audit is None else audit.jaccard_k), vocab)
+    probs_buf, scratch_buf = (torch.zeros(sub, vocab, device=device) for _ in range(2))
     if audit is not None:
         echo_ids = unique_ids(inputs.prompt_ids if inputs.echo_ids is None else inputs.echo_ids)
         foil_ids = (
@@ -178,62 +188,71 @@ def lens_pass(
             final_log_probs if head_logits is None else torch.log_softmax(head_logits.float(), -1)
         )
         raw_plan: list[NormSpec | None] = [None] * n_rows_layers
-    parts: list[NextTokenStats] = []
+        raw_probs_buf, spare_buf = (torch.zeros(sub, vocab, device=device) for _ in range(2))
+    prompt_stats: list[NextTokenStats] = []
     audits: list[AuditRows] = []
     for b0 in range(0, batch, per_chunk):
         b1 = min(batch, b0 + per_chunk)
-        resid = inputs.resid_next[:, b0:b1]  # [layers, nb, d]
-        flat_layers = layer_ids.repeat_interleave(b1 - b0)
-        flat = resid.reshape(-1, resid.shape[-1])
+        flat = inputs.resid_next[:, b0:b1].transpose(0, 1).reshape(-1, inputs.resid_next.shape[-1])
+        flat_layers = layer_ids.repeat(b1 - b0)
         logits = decode_rows(flat, flat_layers, norm_plan, unembed, keep_bias)
-        logits = logits.view(n_rows_layers, b1 - b0, -1)
-        if audit is not None:
-            cos, nonfinite = logit_agreement(logits, final_logits[b0:b1])
-        log_probs = torch.log_softmax(logits, dim=-1)
-        stats, top_logp, top_ids = next_token_stats_from_log_probs(
-            log_probs,
-            final_log_probs[b0:b1],
-            inputs.answer_ids[b0:b1],
-            inputs.prompt_ids[b0:b1],
-            top_k,
-            rule.copy_threshold,
-            rule.copy_margin,
-            rule.entropy_collapse_bits,
-            scratch=logits,  # spent once log-softmaxed: no new [layers, nb, V] buffers
-            top_k_extra=0 if audit is None else audit.jaccard_k,
-        )
-        parts.append(stats)
         if audit is not None:
             raw = decode_rows(flat, flat_layers, raw_plan, unembed, keep_bias)
-            audits.append(
-                chunk_audit(
-                    log_probs,
-                    raw.view(n_rows_layers, b1 - b0, -1),
-                    logits,
-                    cos,
-                    nonfinite,
-                    head_log_probs[b0:b1],
-                    top_logp,
-                    top_ids,
-                    inputs.answer_ids[b0:b1],
-                    stats.answer_rank,
-                    stats.rows.entropy_bits,
-                    foil_ids[b0:b1],
-                    echo_ids[b0:b1],
-                    audit,
+        for b in range(b0, b1):
+            parts: list[NextTokenStats] = []
+            audit_parts: list[AuditRows] = []
+            for l0 in range(0, n_rows_layers, sub):
+                l1 = min(n_rows_layers, l0 + sub)
+                r0, m = (b - b0) * n_rows_layers + l0, l1 - l0
+                z = logits[r0 : r0 + m]
+                if audit is not None:
+                    cos, nonfinite = logit_agreement(z, final_logits[b])
+                rows = softmax_rows(z, probs_buf[:m], scratch_buf[:m], k_next)
+                stats = next_token_rows(
+                    rows,
+                    final_log_probs[b : b + 1],
+                    inputs.answer_ids[b : b + 1],
+                    inputs.prompt_ids[b : b + 1],
+                    top_k,
+                    rule.copy_threshold,
+                    rule.copy_margin,
+                    rule.entropy_collapse_bits,
+                    scratch_buf[:m],
                 )
-            )
-    nxt = _cat_next(parts)
+                parts.append(stats)
+                if audit is not None:
+                    audit_parts.append(
+                        rows_audit(
+                            rows,
+                            raw[r0 : r0 + m],
+                            raw_probs_buf[:m],
+                            scratch_buf[:m],
+                            spare_buf[:m],
+                            cos,
+                            nonfinite,
+                            head_log_probs[b : b + 1] if l1 == n_rows_layers else None,
+                            stats.answer_rank,
+                            stats.rows.entropy_bits,
+                            inputs.answer_ids[b : b + 1],
+                            foil_ids[b : b + 1],
+                            echo_ids[b : b + 1],
+                            audit,
+                        )
+                    )
+            prompt_stats.append(_cat_next(parts, dim=0).reshape(n_rows_layers, 1))
+            if audit is not None:
+                audits.append(stack_layers(audit_parts))
+    nxt = _cat_next(prompt_stats, dim=1)
     collapse = collapse_layers(nxt.copy_collapse, nxt.entropy_collapse, nxt.is_answer)
     out = LensOutputs(next=nxt, collapse=collapse, final_logits=final_logits)
     if audit is not None:
-        rows = cat_rows(audits)
+        rows_all = cat_rows(audits)
         normed = torch.stack(
             [apply_norm(inputs.resid_next[i], spec, keep_bias) for i, spec in enumerate(norm_plan)]
         )
-        out.audit = rows
+        out.audit = rows_all
         out.prompt_audit = prompt_audit(
-            rows,
+            rows_all,
             nxt.answer_prob,
             nxt.answer_rank,
             nxt.kl_to_final_bits,
@@ -267,22 +286,27 @@ def lens_pass(
     row_pos = t_idx[starts[row_b] + offset % counts[row_b]]
 
     per_chunk = _rows_per_chunk(unembed.d_vocab, chunk_bytes)
-    # The first (largest) chunk's logits and log-probs are reused as buffers by every later
-    # chunk: on the CPU a fresh [rows, V] tensor is page-faulted in, which costs about as much
-    # as the matmul that fills it. (Not torch.empty: deterministic mode NaN-fills it.)
-    bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+    sub = max(1, min(per_chunk, CACHE_BYTES // (4 * unembed.d_vocab)))
+    # One buffer for a matmul chunk's logits, reused by every chunk (on the CPU a fresh
+    # [rows, V] tensor is page-faulted in, about as costly as the matmul that fills it; not
+    # torch.empty: deterministic mode NaN-fills it); the softmax passes then run on cache-sized
+    # slices of it, with two cache-sized buffers, so that each pass after the first reads cache.
+    logits_buf: torch.Tensor | None = None
+    probs_buf = torch.zeros(sub, unembed.d_vocab, device=device)
+    scratch_buf = torch.zeros_like(probs_buf)
     chunks: list[RowStats] = []
     for r0 in range(0, row_b.numel(), per_chunk):
         sl = slice(r0, r0 + per_chunk)
         resid = inputs.resid_all[row_layer[sl], row_b[sl], row_pos[sl]]  # [rows, d]
         n = resid.shape[0]
-        out_logits, out_log_probs = (None, None) if bufs is None else (bufs[0][:n], bufs[1][:n])
+        out_logits = None if logits_buf is None else logits_buf[:n]
         logits = decode_rows(resid, row_layer[sl], norm_plan, unembed, keep_bias, out=out_logits)
-        log_probs = torch.log_softmax(logits, dim=-1, out=out_log_probs)
-        # The logits are spent: the entropy's p log p terms overwrite them.
-        chunks.append(log_prob_stats(log_probs, top_k, scratch=logits))
-        if bufs is None:
-            bufs = (logits, log_probs)
+        logits_buf = logits if logits_buf is None else logits_buf
+        for s0 in range(0, n, sub):
+            z = logits[s0 : s0 + sub]
+            m = z.shape[0]
+            rows = softmax_rows(z, probs_buf[:m], scratch_buf[:m], top_k)
+            chunks.append(softmax_row_stats(rows, top_k))
     if not chunks:  # no position requested: empty [0] / [0, k] results rather than a crash
         chunks.append(row_stats(torch.empty(0, unembed.d_vocab, device=device), top_k))
     out.all_rows = _cat_rows(chunks)
@@ -290,15 +314,15 @@ def lens_pass(
     return out
 
 
-def _cat_next(parts: list[NextTokenStats]) -> NextTokenStats:
+def _cat_next(parts: list[NextTokenStats], dim: int) -> NextTokenStats:
     if len(parts) == 1:
         return parts[0]
 
     def cat(name: str) -> torch.Tensor:
-        return torch.cat([getattr(p, name) for p in parts], dim=1)
+        return torch.cat([getattr(p, name) for p in parts], dim=dim)
 
     def cat_rows(name: str) -> torch.Tensor:
-        return torch.cat([getattr(p.rows, name) for p in parts], dim=1)
+        return torch.cat([getattr(p.rows, name) for p in parts], dim=dim)
 
     rows = RowStats(*(cat_rows(n) for n in ("entropy_bits", "top_ids", "top_probs", "rest_mass")))
     return NextTokenStats(
