@@ -35,6 +35,9 @@ class ActorConfig:
     keep_residuals: bool = False
     # The lens-artefact audit (lens_kernel/audit.py) on next-token rows; off: its columns are null.
     audit: bool = True
+    # The lens rows' unembedding matmul: "float32" (exact), "tf32" (CUDA) or "bfloat16" (faster,
+    # approximate; lens_kernel/unembed.py). The parity gate and the KL reference stay float32.
+    unembed_precision: str = "float32"
     chunk_bytes: int = 512 * 2**20
     # torch's intra-op threads: the driver sets the CPUs Ray reserved for the actor (Ray's
     # OMP_NUM_THREADS would otherwise hold a CPU actor to one core). None: torch's default.

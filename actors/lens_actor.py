@@ -158,6 +158,7 @@ class LensActor:
             if bias is None or not bool(bias.any())
             else bias.detach().to(self.device, torch.float32),
             softcap=softcap_of(self.hf_config, self.facts),
+            precision=config.unembed_precision,
         )
         self._check_placement()
         self.rule = CollapseRule(config.copy_threshold, config.copy_margin)
@@ -478,7 +479,11 @@ class LensActor:
             "dtype": {
                 "compute": self.dtype_name,
                 "lens_norm": "float32",
-                "unembed": "float32",
+                # The lens rows' matmul as run here (tf32 off CUDA runs float32), as asked, and
+                # the parity gate's and KL target's, which is float32 whatever the lens rows use.
+                "unembed": self.unembed.effective_precision,
+                "unembed_requested": self.config.unembed_precision,
+                "reference": "float32",
             },
             "device": str(self.device),
             "weight_devices": [str(d) for d in self.weight_devices],

@@ -27,6 +27,8 @@ from sweep.prompt_files import read_prompt_file
 LENS_MODES = ("final", "next_ln1", "raw")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cuda", "mps", "cpu")
+# lens_kernel.unembed.PRECISIONS, repeated here: the head node plans without torch.
+UNEMBED_PRECISIONS = ("float32", "tf32", "bfloat16")
 SEED_MAX = 2**32 - 1  # numpy's seed range; torch and random accept it too
 TEMPERATURE_RANGE = (1e-3, 1e3)  # beyond it logits / T overflow to inf and the output to NaN
 # Model names and prompt ids become parts of file names, CSV rows and report lines.
@@ -53,6 +55,7 @@ class SweepOptions:
     keep_layernorm_bias: bool = _LENS_DEFAULTS["keep_layernorm_bias"]
     keep_residuals: bool = _LENS_DEFAULTS["keep_residuals"]
     audit: bool = _LENS_DEFAULTS["audit"]
+    unembed_precision: str = _LENS_DEFAULTS["unembed_precision"]
     max_seq_len: int = 256  # for memory estimates only; prompts are never cut
 
 
@@ -62,6 +65,7 @@ class ModelEntry:
     source: ModelSource
     dtype: str | None = None
     device: str | None = None  # None: the planner chooses cuda -> mps -> cpu
+    unembed_precision: str | None = None  # None: the [sweep] table's
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Manifest:
                     **{k: v for k, v in asdict(m.source).items() if v not in (None, False)},
                     "dtype": m.dtype,
                     "device": m.device,
+                    "unembed_precision": m.unembed_precision,
                 }
                 for m in self.models
             ],
@@ -101,7 +106,16 @@ class Manifest:
 
 _TOP_KEYS = ("include", "sweep", "models", "prompts")
 _SWEEP_KEYS = tuple(SweepOptions.__dataclass_fields__)
-_MODEL_KEYS = ("name", "id", "gguf", "dtype", "device", "revision", "trust_remote_code")
+_MODEL_KEYS = (
+    "name",
+    "id",
+    "gguf",
+    "dtype",
+    "device",
+    "unembed_precision",
+    "revision",
+    "trust_remote_code",
+)
 _GGUF_KEYS = ("package", "file")
 _ROLE_KEYS = ("role", "control_of", "ablation_of", "suite")  # roles, references, suites
 _PROMPT_KEYS = ("id", "text", "file", "answer", "positions", "primary", *_ROLE_KEYS)
@@ -184,7 +198,7 @@ def _parse_sweep(path: Path, table: Any, base: dict[str, Any]) -> dict[str, Any]
     merged = dict(base)
     for key, value in table.items():
         where = f"[sweep].{key}"
-        if key in ("name", "lens"):
+        if key in ("name", "lens", "unembed_precision"):
             _typed(path, where, value, str, "a string")
         elif key in ("seed", "top_k", "batch_size", "max_seq_len"):
             _typed(path, where, value, int, "an integer")
@@ -204,6 +218,11 @@ def _check_options(path: Path, o: SweepOptions) -> None:
     # Comparisons with nan are false, so the range checks below also refuse nan.
     checks = [
         ("lens", o.lens in LENS_MODES, f"must be one of {', '.join(LENS_MODES)}"),
+        (
+            "unembed_precision",
+            o.unembed_precision in UNEMBED_PRECISIONS,
+            f"must be one of {', '.join(UNEMBED_PRECISIONS)}",
+        ),
         ("top_k", 2 <= o.top_k <= 1000, "must be between 2 and 1000"),
         ("batch_size", o.batch_size >= 1, "must be >= 1"),
         ("copy_threshold", 0.0 <= o.copy_threshold <= 1.0, "must be in [0, 1]"),
@@ -282,7 +301,16 @@ def _parse_model(path: Path, i: int, table: Any) -> ModelEntry:
         raise _fail(path, f"{where}.dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device is not None and device not in DEVICES:
         raise _fail(path, f"{where}.device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
-    return ModelEntry(name=name, source=source, dtype=dtype, device=device)
+    precision = table.get("unembed_precision")
+    if precision is not None and precision not in UNEMBED_PRECISIONS:
+        raise _fail(
+            path,
+            f"{where}.unembed_precision",
+            f"must be one of {', '.join(UNEMBED_PRECISIONS)}, got {precision!r}",
+        )
+    return ModelEntry(
+        name=name, source=source, dtype=dtype, device=device, unembed_precision=precision
+    )
 
 
 def _parse_prompt(path: Path, i: int, table: Any, root: Path | None) -> tuple[PromptSpec, bool]:

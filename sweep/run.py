@@ -122,6 +122,7 @@ def _actor_config(manifest: Manifest, name: str) -> ActorConfig:
         keep_layernorm_bias=o.keep_layernorm_bias, top_k=o.top_k, copy_threshold=o.copy_threshold,
         copy_margin=o.copy_margin, temperatures=o.temperatures, prepend_bos=o.prepend_bos,
         keep_residuals=o.keep_residuals, audit=o.audit, cache_dir=str(DEFAULT_CACHE_DIR),
+        unembed_precision=entry.unembed_precision or o.unembed_precision,
     )  # fmt: skip
 
 

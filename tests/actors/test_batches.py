@@ -215,7 +215,13 @@ def test_arrow_batches_match_the_shared_schema(tiny_actor):
     json.dumps(diag)  # JSON-able as the driver writes it
     assert diag["schema_version"] == SCHEMA_VERSION
     assert diag["n_layers"] == N_LAYERS and diag["architecture"] == "Qwen3ForCausalLM"
-    assert diag["dtype"] == {"compute": "float32", "lens_norm": "float32", "unembed": "float32"}
+    assert diag["dtype"] == {
+        "compute": "float32",
+        "lens_norm": "float32",
+        "unembed": "float32",
+        "unembed_requested": "float32",
+        "reference": "float32",
+    }
     assert diag["simulated_device"] is None and diag["device"] == "cpu"
 
 
