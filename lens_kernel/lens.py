@@ -116,7 +116,8 @@ class LensOutputs:
 
 
 def _rows_per_chunk(d_vocab: int, chunk_bytes: int) -> int:
-    # logits, log-probs, probs and a temporary: about four float32 [rows, V] buffers alive at once.
+    # A quarter of the budget per [rows, V] float32 logits buffer: the chunk's logits (twice with
+    # the audit's raw decode) and the gathers and index copies of the reads stay within it.
     return max(1, chunk_bytes // (4 * 4 * d_vocab))
 
 
@@ -173,8 +174,8 @@ def lens_pass(
             apply_norm(inputs.resid_next[-1], final_norm, keep_bias=True)
         )
     else:
-        final_logits = decode_rows(
-            inputs.resid_next[-1], layer_ids[-1].expand(batch), norm_plan, unembed, keep_bias
+        final_logits = unembed.reference(
+            apply_norm(inputs.resid_next[-1], norm_plan[-1], keep_bias)
         )
     final_log_probs = torch.log_softmax(final_logits, dim=-1)
     k_next = min(max(top_k, 2, 0 if audit is None else audit.jaccard_k), vocab)
