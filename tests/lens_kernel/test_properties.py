@@ -185,7 +185,6 @@ def test_next_token_stats_invariants(case, k: int) -> None:
         logits, final_logp, torch.from_numpy(answers), torch.from_numpy(prompt), k, 0.9, 0.05
     )
     layers, batch, vocab = logits.shape
-    log_probs = torch.log_softmax(logits, dim=-1)
     assert (stats.kl_to_final_bits >= 0).all()
     h = stats.rows.entropy_bits
     assert (h >= -H_SLACK).all() and (h <= math.log2(vocab) + H_SLACK).all()
@@ -201,7 +200,10 @@ def test_next_token_stats_invariants(case, k: int) -> None:
                 continue
             rank = int(stats.answer_rank[i, b])
             assert 1 <= rank <= vocab
-            assert rank == 1 + int((log_probs[i, b] > log_probs[i, b, ans]).sum())
+            # Ranked on logits minus their maximum: rounding may merge values within a few
+            # ulps (never reorder them), so a near-tie may count as a tie.
+            z = logits[i, b].double()
+            assert 1 + int((z > z[ans] + 1e-5).sum()) <= rank <= 1 + int((z > z[ans]).sum())
             assert float(stats.answer_prob[i, b]) <= float(stats.rows.top_probs[i, b, 0]) * (
                 1 + 1e-6
             )
