@@ -27,7 +27,7 @@ test-fast: venv
 demo: venv
 	$(BIN)/python -m sweep.run manifests/demo.toml
 
-# Speed ratios measured side by side (about half an hour on 2 cores): the lens against its floor,
+# Speed ratios measured side by side (about an hour on 2 cores): the lens against its floor,
 # the audit's cost, the fast unembedding's speed and error, Ray against one process, GGUF cache.
 bench: venv
 	$(BIN)/python -m bench.lens_bench

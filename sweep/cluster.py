@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sweep.placement import NodeInfo
@@ -13,6 +14,9 @@ ACCELERATOR_PREFIX = "accelerator_type:"
 # Ray's names for Apple chips ("M1", "M2-Pro", "M3-Max", "M4-Ultra", or "Apple-Silicon"). One
 # digit: NVIDIA's old Tesla M40 / M60 come out as "M40" / "M60".
 APPLE_CHIP = re.compile(r"M\d(-(Pro|Max|Ultra))?|Apple-Silicon")
+LOOPBACK = "127.0.0.1"
+# Ids of the Ray nodes connect() started in this process: the driver probes those itself.
+_started_here: set[str] = set()
 
 
 def _local_has_mps() -> bool:
@@ -53,23 +57,54 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, Any]:
     # Ray serves Prometheus metrics without auth on 0.0.0.0; a local sweep does not need them.
     # Ray's processes inherit this (set it to 1 beforehand to keep them).
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        resources=resources,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env=env,
-        log_to_driver=False,
-    )
+    with _loopback_node_address():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            resources=resources,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            runtime_env=env,
+            log_to_driver=False,
+            # Ray starts idle workers for the first driver, one per core up to its start-up
+            # limit. The actors never use them (each has a runtime env of its own), and their
+            # start competes with the actors' (2 busy cores: ~0.6 s a run, 6 of 7 pairs).
+            _system_config={"prestart_worker_first_driver": False},
+        )
+    _started_here.add(ray.get_runtime_context().get_node_id())
     return {"address": "local", "local": True}
 
 
+@contextlib.contextmanager
+def _loopback_node_address() -> Iterator[None]:
+    """Keep 127.0.0.1 as the node's address while ``ray.init`` starts a local Ray.
+
+    Ray's servers listen on loopback only where the node's address is 127.0.0.1 (GCS, raylet,
+    object manager and workers: their gRPC servers; the agents: ``is_localhost``), else on all
+    interfaces. But ``ray.init`` replaces 127.0.0.1 by the machine's routable address
+    (``resolve_ip_for_localhost``) unless Ray's multi-node support is off, as it is by default
+    on macOS and Windows. Turned off here for the start only: it is read nowhere else in the
+    driver, and Ray's processes are given the address explicitly.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def _probe() -> dict[str, Any]:
-    """Run on a node: its CUDA devices and free memory, MPS, and available RAM."""
+    """Run on a node: its CUDA devices and free memory, MPS, and available RAM.
+
+    ``pid``: the process that probed (the driver, or a task's worker).
+    """
     import psutil
 
     found: dict[str, Any] = {
+        "pid": os.getpid(),
         "ram_available": int(psutil.virtual_memory().available),
         "cuda": [],
         "mps": False,
@@ -155,25 +190,47 @@ def node_info(node: Mapping[str, Any], found: Mapping[str, Any], simulate: bool)
     )
 
 
-def probe_nodes(simulate_missing_devices: bool = False) -> list[NodeInfo]:
-    """Probe every alive node with a small pinned task and combine it with Ray's resources.
+def _driver_may_probe() -> bool:
+    """Whether the driver can probe its own node: not where that means a CUDA context.
 
-    A node that advertises GPUs or ``mps`` its probe cannot find is not planned on, unless
+    Reading a GPU's free memory creates a context of a few hundred MiB on it, which the
+    driver would hold for the whole run; a probe task's worker holds it instead.
+    """
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
+def probe_nodes(simulate_missing_devices: bool = False) -> list[NodeInfo]:
+    """Probe every alive node and combine what it finds with Ray's resources.
+
+    A node that ``connect`` started in this process is probed here (no worker to start and no
+    torch to import there); any other node by a small task pinned to it. A node that advertises
+    GPUs or ``mps`` its probe cannot find is not planned on, unless
     ``simulate_missing_devices``: then the advertised device is offered with the node's RAM and
     the actor later runs on the CPU, recording the simulation (see ``node_info``).
     """
+    found = probe_findings()
+    return [node_info(node, f, simulate_missing_devices) for node, f in found]
+
+
+def probe_findings() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each alive node's ``ray.nodes()`` row and what its probe found there."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     remote_probe = ray.remote(num_cpus=0)(_probe)
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    refs = [
-        remote_probe.options(
+    here = {n["NodeID"] for n in alive if n["NodeID"] in _started_here and _driver_may_probe()}
+    refs = {
+        n["NodeID"]: remote_probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
         ).remote()
         for n in alive
-    ]
-    found = ray.get(refs, timeout=120)
-    return [
-        node_info(node, f, simulate_missing_devices) for node, f in zip(alive, found, strict=True)
-    ]
+        if n["NodeID"] not in here
+    }
+    found = dict(zip(refs, ray.get(list(refs.values()), timeout=120), strict=True))
+    found.update({node_id: _probe() for node_id in here})
+    return [(n, found[n["NodeID"]]) for n in alive]

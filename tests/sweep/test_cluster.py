@@ -164,6 +164,10 @@ def test_local_ray_adds_the_mps_resource_only_where_ray_does_not_count_the_apple
         def init(**kwargs: Any) -> None:
             seen.append(kwargs.get("resources"))
 
+        @staticmethod
+        def get_runtime_context() -> Any:
+            return type("Context", (), {"get_node_id": staticmethod(lambda: "ab" * 28)})
+
     monkeypatch.setitem(sys.modules, "ray", _Ray)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(cluster_mod, "_local_has_mps", lambda: True)
@@ -173,6 +177,35 @@ def test_local_ray_adds_the_mps_resource_only_where_ray_does_not_count_the_apple
         )
         cluster_mod.connect(None)
         assert seen.pop() == expected
+
+
+# ---- a local Ray ------------------------------------------------------------------------------
+
+
+def test_a_local_ray_is_probed_in_the_driver_as_a_task_would_find_it() -> None:
+    # The node connect() started is this machine: no worker needs to start and import torch
+    # to look at it. What the driver finds must be what a task on that node finds.
+    driver = """
+import json, os, ray
+from sweep.cluster import _probe, connect, probe_findings, probe_nodes
+connect(None, 1)
+[(node, here)] = probe_findings()
+there = ray.get(ray.remote(num_cpus=0)(_probe).remote())
+[info] = probe_nodes()
+print(json.dumps({"driver": os.getpid(), "here": here, "there": there, "cpus": info.cpus,
+                  "node": node["NodeID"] == info.node_id}))
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = _run([sys.executable, "-c", driver], REPO_ROOT, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    here, there = found["here"], found["there"]
+    assert here["pid"] == found["driver"] != there["pid"]
+    assert {k: v for k, v in here.items() if k not in ("pid", "ram_available")} == {
+        k: v for k, v in there.items() if k not in ("pid", "ram_available")
+    }
+    assert (found["cpus"], found["node"]) == (1.0, True)
 
 
 # ---- a two-node cluster -----------------------------------------------------------------------
