@@ -191,14 +191,24 @@ def lens_pass(
         raw_plan: list[NormSpec | None] = [None] * n_rows_layers
         raw_probs_buf, spare_buf = (torch.zeros(sub, vocab, device=device) for _ in range(2))
     prompt_stats: list[NextTokenStats] = []
+    next_buf: torch.Tensor | None = None
+    raw_buf: torch.Tensor | None = None
     audits: list[AuditRows] = []
     for b0 in range(0, batch, per_chunk):
         b1 = min(batch, b0 + per_chunk)
         flat = inputs.resid_next[:, b0:b1].transpose(0, 1).reshape(-1, inputs.resid_next.shape[-1])
         flat_layers = layer_ids.repeat(b1 - b0)
-        logits = decode_rows(flat, flat_layers, norm_plan, unembed, keep_bias)
+        # The first chunk's logits buffers serve every later chunk (see the all-positions loop).
+        n = flat.shape[0]
+        logits = decode_rows(
+            flat, flat_layers, norm_plan, unembed, keep_bias, out=_head(next_buf, n)
+        )
+        next_buf = next_buf if next_buf is not None else logits
         if audit is not None:
-            raw = decode_rows(flat, flat_layers, raw_plan, unembed, keep_bias)
+            raw = decode_rows(
+                flat, flat_layers, raw_plan, unembed, keep_bias, out=_head(raw_buf, n)
+            )
+            raw_buf = raw_buf if raw_buf is not None else raw
         for b in range(b0, b1):
             parts: list[NextTokenStats] = []
             audit_parts: list[AuditRows] = []
@@ -300,7 +310,7 @@ def lens_pass(
         sl = slice(r0, r0 + per_chunk)
         resid = inputs.resid_all[row_layer[sl], row_b[sl], row_pos[sl]]  # [rows, d]
         n = resid.shape[0]
-        out_logits = None if logits_buf is None else logits_buf[:n]
+        out_logits = _head(logits_buf, n)
         logits = decode_rows(resid, row_layer[sl], norm_plan, unembed, keep_bias, out=out_logits)
         logits_buf = logits if logits_buf is None else logits_buf
         for s0 in range(0, n, sub):
@@ -313,6 +323,11 @@ def lens_pass(
     out.all_rows = _cat_rows(chunks)
     out.row_batch, out.row_layer, out.row_pos = row_b, row_layer, row_pos
     return out
+
+
+def _head(buf: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The first n rows of a reused buffer, or None to let the first call allocate it."""
+    return None if buf is None else buf[:n]
 
 
 def _cat_next(parts: list[NextTokenStats], dim: int) -> NextTokenStats:
