@@ -132,8 +132,13 @@ def test_actors_keep_freed_heap_memory_on_glibc() -> None:
     source = torch.ones(16 * 2**20)
     first = torch.exp(source)  # the first buffer of this size is faulted in, then freed
     del first
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    again = torch.exp(source)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert again.shape == source.shape
-    assert faults < 1000  # a fresh mapping would take 16384 (64 MiB in 4 KiB pages)
+    # The least of three tries: in a long test session another allocation may take the freed
+    # block once; with the setting lost, every try faults the whole buffer in again.
+    faults = []
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        again = torch.exp(source)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        assert again.shape == source.shape
+        del again
+    assert min(faults) < 1000, faults  # a fresh mapping would take 16384 (64 MiB in 4 KiB pages)
