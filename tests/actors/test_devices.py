@@ -132,13 +132,11 @@ def test_actors_keep_freed_heap_memory_on_glibc() -> None:
     source = torch.ones(16 * 2**20)
     first = torch.exp(source)  # the first buffer of this size is faulted in, then freed
     del first
-    # The least of three tries: in a long test session another allocation may take the freed
-    # block once; with the setting lost, every try faults the whole buffer in again.
-    faults = []
-    for _ in range(3):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        again = torch.exp(source)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        assert again.shape == source.shape
-        del again
-    assert min(faults) < 1000, faults  # a fresh mapping would take 16384 (64 MiB in 4 KiB pages)
+    # The next one a little smaller, as a sweep's later chunks are: an exactly equal request may
+    # not fit the freed block once the allocator's alignment padding is added, and then extends
+    # the heap instead (by address-space layout, about one run in two).
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    again = torch.exp(source[: -(2**16)])
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert again.numel() == source.numel() - 2**16
+    assert faults < 1000, faults  # without the setting: ~16,300 (the whole buffer, 4 KiB pages)
