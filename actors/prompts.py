@@ -25,6 +25,11 @@ class PromptSpec:
     reference: str | None = None  # the prompt a control or ablation is read against
     foil: str | None = None  # control only: the reference prompt's answer, which should lose
     suite: str | None = None  # facts sharing one template, summarised together
+    # Research-scale sweeps: the [[prompt_sets]] table a prompt came from (None: [[prompts]]),
+    # and free labels the statistics are broken down by.
+    prompt_set: str | None = None
+    template: str | None = None  # e.g. "called-simply": the wording, shared across facts
+    group: str | None = None  # e.g. "Europe": any grouping of the facts
 
 
 @dataclass(frozen=True)

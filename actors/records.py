@@ -225,7 +225,8 @@ def summary_batch(
         "parity_max_abs": pa.array(_np(parity).astype(np.float32)),
     }
     columns["reference"] = pa.array([p.reference for p in batch.prompts], pa.string())
-    columns["suite"] = pa.array([p.suite for p in batch.prompts], pa.string())
+    for key in ("suite", "prompt_set", "template", "group"):
+        columns[key] = pa.array([getattr(p, key) for p in batch.prompts], pa.string())
     foil_ids = _np(batch.foil_ids)
     foil_text = texts(np.maximum(foil_ids, 0)).to_pylist()
     columns["foil_token"] = pa.array(

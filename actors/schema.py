@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _META = {b"lens_sweep.schema_version": str(SCHEMA_VERSION).encode()}
 
 # One row per (prompt, layer, position) decoded by the lens.
@@ -86,6 +86,9 @@ PROMPT_SUMMARY_SCHEMA = pa.schema(
         pa.field("role", pa.string(), nullable=False),  # primary, test, control or ablation
         pa.field("reference", pa.string()),  # prompt a control or ablation is read against
         pa.field("suite", pa.string()),  # fact suite the prompt belongs to
+        pa.field("prompt_set", pa.string()),  # [[prompt_sets]] name; null for [[prompts]]
+        pa.field("template", pa.string()),  # the prompt's template label, if given
+        pa.field("group", pa.string()),  # the prompt's group label, if given
         pa.field("n_tokens", pa.int32(), nullable=False),  # prompt length incl. BOS
         pa.field("next_token_pos", pa.int32(), nullable=False),  # = n_tokens - 1
         pa.field("n_layers", pa.int16(), nullable=False),  # L; lens layers are 0..L

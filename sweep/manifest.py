@@ -118,7 +118,8 @@ _MODEL_KEYS = (
 )
 _GGUF_KEYS = ("package", "file")
 _ROLE_KEYS = ("role", "control_of", "ablation_of", "suite")  # roles, references, suites
-_PROMPT_KEYS = ("id", "text", "file", "answer", "positions", "primary", *_ROLE_KEYS)
+_LABEL_KEYS = ("template", "group")  # free labels the statistics are broken down by
+_PROMPT_KEYS = ("id", "text", "file", "answer", "positions", "primary", *_ROLE_KEYS, *_LABEL_KEYS)
 # Roles a prompt may name; "primary" comes from primary = true, "ablation" from ablation_of.
 _EXPLICIT_ROLES = ("test", "control")
 
@@ -386,6 +387,10 @@ def _parse_prompt(path: Path, i: int, table: Any, root: Path | None) -> tuple[Pr
     if suite is not None:
         _typed(path, f"{where}.suite", suite, str, "a string")
         _check_name(path, f"{where}.suite", suite, "suite name")
+    labels = {k: table.get(k) for k in _LABEL_KEYS}
+    for key, label in labels.items():
+        if label is not None:
+            _typed(path, f"{where}.{key}", label, str, "a string")
     spec = PromptSpec(
         id=pid,
         text=text,
@@ -394,6 +399,7 @@ def _parse_prompt(path: Path, i: int, table: Any, root: Path | None) -> tuple[Pr
         role="ablation" if refs["ablation_of"] is not None else role,
         reference=refs["ablation_of"] if refs["control_of"] is None else refs["control_of"],
         suite=suite,
+        **labels,
     )
     return spec, primary
 
