@@ -61,6 +61,11 @@ class BatchResult:
     summary: pa.RecordBatch
     residuals: bytes | None = None  # safetensors bytes, when keep_residuals
     temperature: list[dict[str, Any]] = field(default_factory=list)
+    # This batch's refused prompts ({"prompt_id", "error"}) and its parity figures (max_abs,
+    # max_kl_bits, max_rel, top1_disagreements; empty when nothing was decoded): they travel
+    # with the batch, so a model resumed from stored batches still reports them.
+    prompt_failures: list[dict[str, str]] = field(default_factory=list)
+    parity: dict[str, float] = field(default_factory=dict)
 
 
 def _versions() -> dict[str, str]:
@@ -178,7 +183,6 @@ class LensActor:
         ]
         self.provenance = provenance
         self.parity = {"max_abs": 0.0, "max_kl_bits": 0.0, "max_rel": 0.0, "top1_disagreements": 0}
-        self.temperature_rows: list[dict[str, Any]] = []
         self.prompt_failures: list[dict[str, str]] = []
         self.timings = {"load_s": time.perf_counter() - t0, "lens_s": 0.0}
         self.batches_done = 0
@@ -192,19 +196,20 @@ class LensActor:
         if len(modes) != 1:
             raise ValueError(f"a batch holds prompts of one positions mode, got {sorted(modes)}")
         all_positions = modes == {"all"}
-        prompts = self._screen(prompts)
+        prompts, refused = self._screen(prompts)
         if not prompts:  # every prompt of this batch was refused: nothing to decode
             self.batches_done += 1
             return BatchResult(
                 pa.RecordBatch.from_pylist([], schema=RECORDS_SCHEMA),
                 pa.RecordBatch.from_pylist([], schema=PROMPT_SUMMARY_SCHEMA),
+                prompt_failures=refused,
             )
         batch = tokenise(self.tokenizer, prompts, self.bos_id, self.pad_id, self.n_ctx)
         with torch.inference_mode():
             model_logits, resid = self._forward(batch, all_positions)
             out = self._lens(self._lens_inputs(batch, resid, all_positions), model_logits)
             parity = parity_stats(model_logits, out.final_logits)
-            self._check_parity(batch, parity)
+            batch_parity = self._check_parity(batch, parity)
             model_stats = next_token_stats(
                 model_logits.unsqueeze(0),
                 torch.log_softmax(model_logits, dim=-1),
@@ -229,25 +234,28 @@ class LensActor:
         residuals = self._residual_bytes(batch, resid) if self.config.keep_residuals else None
         self.timings["lens_s"] += time.perf_counter() - t0
         self.batches_done += 1
-        return BatchResult(records, summary, residuals, temps)
+        return BatchResult(records, summary, residuals, temps, refused, batch_parity)
 
-    def _screen(self, prompts: list[PromptSpec]) -> list[PromptSpec]:
-        """The prompts that fit the model's context; each one that does not is recorded as that
-        prompt's failure (``diagnostics()['prompt_failures']``) and the others go on."""
+    def token_lengths(self, prompts: list[PromptSpec]) -> list[int]:
+        """Each prompt's token count as ``run_batch`` tokenises it (BOS included): what the
+        driver plans batches by. Tokenizer only, no forward."""
         extra = 0 if self.bos_id is None else 1
-        kept = []
-        for p in prompts:
-            n = len(self.tokenizer(p.text, add_special_tokens=False)["input_ids"]) + extra
+        texts = [p.text for p in prompts]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [len(i) + extra for i in ids]
+
+    def _screen(self, prompts: list[PromptSpec]) -> tuple[list[PromptSpec], list[dict[str, str]]]:
+        """The prompts that fit the model's context, and a failure for each one that does not
+        (also kept in ``diagnostics()['prompt_failures']``): the others go on."""
+        kept, refused = [], []
+        for p, n in zip(prompts, self.token_lengths(prompts), strict=True):
             if n > self.n_ctx:
-                self.prompt_failures.append(
-                    {
-                        "prompt_id": p.id,
-                        "error": f"{n} tokens, longer than the model's context of {self.n_ctx}",
-                    }
-                )
+                error = f"{n} tokens, longer than the model's context of {self.n_ctx}"
+                refused.append({"prompt_id": p.id, "error": error})
             else:
                 kept.append(p)
-        return kept
+        self.prompt_failures.extend(refused)
+        return kept, refused
 
     def measure_parity(
         self, prompts: list[PromptSpec], final_norm: NormSpec | None = None
@@ -369,8 +377,9 @@ class LensActor:
         model = self.bridge.original_model
         verify_placement(model, lens, self.weight_devices, self.device, self.config.name)
 
-    def _check_parity(self, batch: TokenisedBatch, parity: ParityStats) -> None:
-        """The dtype-scaled parity gate (lens_kernel.parity); overflow is named as such."""
+    def _check_parity(self, batch: TokenisedBatch, parity: ParityStats) -> dict[str, float]:
+        """The dtype-scaled parity gate (lens_kernel.parity); overflow is named as such.
+        Returns the batch's figures (also folded into the actor's running maxima)."""
         dtype = self.dtype_name
         finite = parity.model_finite
         if not bool(finite.all()):
@@ -383,12 +392,15 @@ class LensActor:
                 f"(prompts {', '.join(bad[:3])}): it overflowed in {dtype}{known}, which is not a "
                 'lens error; use dtype = "bfloat16" or "float32" for this model'
             )
-        self.parity["max_abs"] = max(self.parity["max_abs"], float(parity.max_abs.max()))
-        self.parity["max_kl_bits"] = max(self.parity["max_kl_bits"], float(parity.kl_bits.max()))
-        self.parity["top1_disagreements"] += int((~parity.top1_agree).sum())
-        self.parity["max_rel"] = max(
-            self.parity["max_rel"], float(parity.relative_error(dtype).max())
-        )
+        figures = {
+            "max_abs": float(parity.max_abs.max()),
+            "max_kl_bits": float(parity.kl_bits.max()),
+            "max_rel": float(parity.relative_error(dtype).max()),
+            "top1_disagreements": int((~parity.top1_agree).sum()),
+        }
+        for key, value in figures.items():
+            total = self.parity[key]
+            self.parity[key] = total + value if key == "top1_disagreements" else max(total, value)
         failed = parity_failures(parity, dtype)
         if bool(failed.any()):
             i = int(failed.nonzero()[0, 0])
@@ -402,17 +414,28 @@ class LensActor:
                 f"unembedding is not applied as the model does ({self.facts.family}); please "
                 "report it"
             )
+        return figures
 
     def _temperature(
         self, batch: TokenisedBatch, model_logits: torch.Tensor
     ) -> list[dict[str, Any]]:
-        rows = []
+        """The model's own next-token top-k at each temperature, for the manifest's own
+        [[prompts]]; a prompt set's thousands of prompts are read through their statistics (the
+        rows would be most of the output JSON). Returned with the batch, never kept here: an
+        actor's memory follows its batch, not the number of prompts."""
+        rows: list[dict[str, Any]] = []
+        keep = [b for b, p in enumerate(batch.prompts) if p.prompt_set is None]
+        if not keep:
+            return rows
+        picked = torch.tensor(keep, device=model_logits.device)
+        model_logits = model_logits.index_select(0, picked)
+        prompts = [batch.prompts[b] for b in keep]
         for t in self.config.temperatures:
             stats = temperature_topk(model_logits, t, self.config.top_k)
             ids = stats.top_ids.cpu().numpy()
             texts = self.texts(ids).to_pylist()
             k = ids.shape[1]
-            for b, p in enumerate(batch.prompts):
+            for b, p in enumerate(prompts):
                 rows.append(
                     {
                         "prompt_id": p.id,
@@ -428,7 +451,6 @@ class LensActor:
                         ],
                     }
                 )
-        self.temperature_rows.extend(rows)
         return rows
 
     def _residual_bytes(self, batch: TokenisedBatch, resid: torch.Tensor) -> bytes:
@@ -519,7 +541,6 @@ class LensActor:
                 "gate": "max|diff| <= R eps scale, KL(model || lens) <= bound, same top-1 "
                 "unless a near tie (lens_kernel/parity.py)",
             },
-            "temperature_exploration": self.temperature_rows,
             "prompt_failures": self.prompt_failures,
             "timings": dict(self.timings),
             "allocator": "glibc keeps freed buffers for reuse"

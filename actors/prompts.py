@@ -1,4 +1,4 @@
-"""Prompts as the actor sees them, their explicit tokenisation and right-padded batching."""
+"""Prompts as the actor sees them, how they are batched, their tokenisation and right padding."""
 
 from __future__ import annotations
 
@@ -56,6 +56,45 @@ def batch_prompts(prompts: list[PromptSpec], batch_size: int) -> list[list[Promp
     for mode in ("all", "next"):
         group = [p for p in prompts if p.positions == mode]
         batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    return batches
+
+
+def plan_batches(
+    prompts: list[PromptSpec], lengths: list[int], batch_size: int, batch_tokens: int
+) -> list[list[PromptSpec]]:
+    """Batches bounded in prompts and in padded tokens, one positions mode each.
+
+    ``lengths[i]`` is prompt i's token count as the actor tokenises it (BOS included). Per mode
+    ("all" first), prompts go longest first (a stable sort: ties keep manifest order), packed
+    greedily so that a batch holds at most ``batch_size`` prompts and its rows x padded width
+    (its first, longest prompt's length) stays <= ``batch_tokens``. A prompt longer than the
+    budget goes alone. Longest first: the batch that needs the most memory runs first, so a
+    model that does not fit fails in minutes, not hours. The same prompts and lengths always
+    give the same batches (a resumed run finds its finished ones by their prompts).
+    """
+    if batch_size < 1 or batch_tokens < 1:
+        raise ValueError(
+            f"batch_size and batch_tokens must be >= 1, got {batch_size} and {batch_tokens}"
+        )
+    if len(lengths) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(lengths)} lengths")
+    batches: list[list[PromptSpec]] = []
+    for mode in ("all", "next"):
+        group = [i for i, p in enumerate(prompts) if p.positions == mode]
+        group.sort(key=lambda i: -lengths[i])
+        current: list[PromptSpec] = []
+        width = 0  # the current batch's padded width: its first prompt's length
+        for i in group:
+            if current and (
+                len(current) == batch_size or (len(current) + 1) * width > batch_tokens
+            ):
+                batches.append(current)
+                current = []
+            if not current:
+                width = lengths[i]
+            current.append(prompts[i])
+        if current:
+            batches.append(current)
     return batches
 
 

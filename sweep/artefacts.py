@@ -1,7 +1,8 @@
-"""Per-model artefacts: streamed Parquet, the seed-layout CSVs and the JSON diagnostics.
+"""Per-model artefacts: Parquet assembled from the finished batches, the seed-layout CSVs and
+the JSON diagnostics.
 
-Batches are appended to Parquet as they arrive (the driver's memory does not grow with the
-number of prompts); every file appears atomically when the model finishes.
+Batches are made durable as they arrive (``sweep.parts``; the driver's memory does not grow with
+the number of prompts); every file appears atomically when the model finishes.
 """
 
 from __future__ import annotations
@@ -23,10 +24,24 @@ from actors.schema import (
     artefact_tier,
     check_batch,
 )
-from sweep.files import write_atomic, write_bytes, write_json
+from sweep.files import write_atomic, write_json
+from sweep.parts import (
+    BatchParts,
+    Part,
+    batch_key,
+    link_residuals,
+    parts_dir,
+    prompt_summaries,
+    record_row_groups,
+    with_batches,
+)
 
 if TYPE_CHECKING:
     from actors.lens_actor import BatchResult
+    from actors.prompts import PromptSpec
+
+ROW_GROUP_BYTES = 16 << 20  # records row groups of the final file: about this much Arrow data
+# (assembling one holds ~5x this at peak: the rows copied out of the parts, in order, encoded)
 
 
 def _fields_after(schema: pa.Schema, name: str) -> tuple[str, ...]:
@@ -52,7 +67,7 @@ def artefact_paths(run_dir: Path, name: str) -> dict[str, Path]:
 
 
 class _StreamingParquet:
-    """A Parquet file written batch by batch under a temp name, renamed into place on close."""
+    """A Parquet file written table by table under a temp name, renamed into place on close."""
 
     def __init__(self, final: Path, schema: Any) -> None:
         self.final = final
@@ -64,15 +79,17 @@ class _StreamingParquet:
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         return pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
 
-    def write(self, batch: Any) -> None:
+    def write(self, table: pa.Table) -> None:
+        """Append ``table`` as one row group."""
         if self.writer is None:
             self.writer = self._open()
-        self.writer.write_batch(check_batch(batch, self.schema))
+        self.writer.write_table(check_batch(table, self.schema), row_group_size=table.num_rows)
 
     def commit(self) -> None:
-        if self.writer is None:  # no batch: still an (empty) file, so readers find it
+        if self.writer is None:  # no rows: still an (empty) file, so readers find it
             self.writer = self._open()
         self.writer.close()
+        self.writer = None
         self.tmp.replace(self.final)
 
     def abort(self) -> None:
@@ -87,41 +104,87 @@ class _StreamingParquet:
 
 
 class ModelArtefacts:
-    """Collects one model's batches and writes its per-model artefacts."""
+    """One model's artefacts: each finished batch made durable as a part (``sweep.parts``), then
+    the per-model files assembled from the parts in manifest order of prompts.
 
-    def __init__(self, run_dir: Path, name: str) -> None:
+    ``plan`` first (the driver does): it names the batches, and returns those an earlier run
+    already finished. Without it (``sweep.one``), batches are numbered as they arrive.
+    """
+
+    def __init__(self, run_dir: Path, name: str, fingerprint: str = "") -> None:
         self.name = name
+        self.fingerprint = fingerprint
         self.paths = artefact_paths(run_dir, name)
-        self._records = _StreamingParquet(self.paths["records_parquet"], RECORDS_SCHEMA)
-        self._prompts = _StreamingParquet(self.paths["prompts_parquet"], PROMPT_SUMMARY_SCHEMA)
+        self.parts = BatchParts(parts_dir(run_dir, name))
         self._residuals_tmp = self.paths["residuals_dir"].with_name(
             f".{self.paths['residuals_dir'].name}.partial"
         )
-        self._temperature: list[dict[str, Any]] = []
-        self.batches = 0
+        self._planned: list[list[str]] | None = None  # prompt ids of each planned batch
+        self._order: list[str] = []  # prompt ids in manifest order (else in arrival order)
+        self._done: dict[int, Part] = {}
+        self.batches_resumed = 0
+        self.diagnostics: dict[str, Any] = {}  # after commit: the actor's, with every batch's
 
-    def add(self, result: BatchResult) -> None:
-        self._records.write(result.records)
-        self._prompts.write(result.summary)
-        if result.residuals is not None:
-            write_bytes(
-                self._residuals_tmp / f"batch-{self.batches:04d}.safetensors", result.residuals
-            )
-        self.batches += 1
+    def plan(self, batches: list[list[PromptSpec]], manifest_ids: list[str]) -> list[int]:
+        """Name this model's batches; returns the indices already finished by an earlier run
+        (kept, not to be run again). Parts of any other plan or fingerprint are deleted."""
+        self._planned = [[p.id for p in batch] for batch in batches]
+        self._order = list(manifest_ids)
+        keys = {i: batch_key(self.fingerprint, ids) for i, ids in enumerate(self._planned)}
+        self._done = self.parts.keep_planned(keys)
+        self.batches_resumed = len(self._done)
+        return sorted(self._done)
+
+    def add(self, result: BatchResult, index: int | None = None) -> None:
+        """Make one finished batch durable (planned: batch ``index`` of the plan)."""
+        if self._planned is None:  # unplanned: the next batch, of the prompts it answered
+            index = len(self._done)
+            ids = result.summary.column("prompt_id").to_pylist()
+            ids += [f["prompt_id"] for f in result.prompt_failures]
+            self._order += ids
+        elif index is None or not 0 <= index < len(self._planned):
+            raise ValueError(f"batch index {index} is not one of the {len(self._planned)} planned")
+        else:
+            ids = self._planned[index]
+        key = batch_key(self.fingerprint, ids)
+        self._done[index] = self.parts.write(index, key, ids, result)
 
     def abort(self) -> None:
-        self._records.abort()
-        self._prompts.abort()
+        """After a failure: the finished batches stay for --rerun-failed; nothing half-written
+        and no final file of this model is left. Never raises."""
+        _StreamingParquet(self.paths["records_parquet"], RECORDS_SCHEMA).abort()
         shutil.rmtree(self._residuals_tmp, ignore_errors=True)
+        for path in self.paths.values():
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        self.parts.prune()
 
     def commit(self, diagnostics: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
-        """Close the Parquet files, derive the CSVs and JSON; returns file names by role."""
-        self._records.commit()
-        self._prompts.commit()
-        if self._residuals_tmp.exists():
+        """Assemble the Parquet files from the parts (manifest order of prompts), derive the CSVs
+        and JSON, remove the parts; returns file names by role."""
+        planned = len(self._done) if self._planned is None else len(self._planned)
+        missing = sorted(set(range(planned)) - set(self._done))
+        if missing:
+            raise RuntimeError(f"{self.name}: batches {missing[:5]} have not finished")
+        parts = [self._done[i] for i in range(planned)]
+        self.diagnostics = with_batches(diagnostics, parts, self._order, self.batches_resumed)
+        records = _StreamingParquet(self.paths["records_parquet"], RECORDS_SCHEMA)
+        for table in record_row_groups(parts, self._order, ROW_GROUP_BYTES):
+            records.write(table)
+        records.commit()
+        summaries = prompt_summaries(parts, self._order)
+        write_atomic(
+            self.paths["prompts_parquet"],
+            lambda p: pq.write_table(summaries, p, compression="zstd"),
+        )
+        if any(p.meta["residuals_bytes"] is not None for p in parts):
+            link_residuals(parts, self._residuals_tmp)
             shutil.rmtree(self.paths["residuals_dir"], ignore_errors=True)
             self._residuals_tmp.replace(self.paths["residuals_dir"])
-        write_seed_csvs(self.paths, diagnostics.get("top_k", 20))
+        write_seed_csvs(self.paths, self.diagnostics.get("top_k", 20))
         prompts = pl.read_parquet(self.paths["prompts_parquet"])
         controls = prompts.filter(pl.col("role") == "control")["prompt_id"].to_list()
         margins = (
@@ -130,8 +193,9 @@ class ModelArtefacts:
             .select("prompt_id", "layer", "control_margin")
             .collect()
         )
-        info = model_json(self.name, diagnostics, prompts, context, margins)
+        info = model_json(self.name, self.diagnostics, prompts, context, margins)
         write_json(self.paths["json"], info)
+        self.parts.remove()
         return {k: p.name for k, p in self.paths.items() if p.exists()}
 
 
@@ -195,6 +259,31 @@ def _top_list(row: dict[str, Any], prefix: str = "final_") -> list[dict[str, Any
     ]
 
 
+def _prompt_entry(r: dict[str, Any]) -> dict[str, Any]:
+    """One prompt's block of output-<name>.json, from its prompts-Parquet row."""
+    return {
+        "prompt_id": r["prompt_id"],
+        "role": r["role"],
+        "reference": r["reference"],
+        "suite": r["suite"],
+        "prompt_set": r["prompt_set"],
+        "template": r["template"],
+        "group": r["group"],
+        "answer": r["answer"],
+        "answer_token": r["answer_token"],
+        "n_tokens": r["n_tokens"],
+        "L_copy": r["L_copy"],
+        "L_copy_H": r["L_copy_H"],
+        "L_semantic": r["L_semantic"],
+        "delta_layers": r["delta_layers"],
+        "final_answer_prob": r["final_answer_prob"],
+        "final_answer_rank": r["final_answer_rank"],
+        "final_prediction": _top_list(r),
+        "parity_max_abs": r["parity_max_abs"],
+        **{f: finite(r[f]) for f in AUDIT_PROMPT_FIELDS},
+    }
+
+
 def model_json(
     name: str,
     diagnostics: dict[str, Any],
@@ -204,35 +293,27 @@ def model_json(
 ) -> dict[str, Any]:
     """output-<name>.json: diagnostics, the primary prompt's collapse layers and final prediction,
     every prompt's final prediction (the seed's test prompts) and audit fields, the model's
-    audit block, temperature exploration, context.
+    audit block, the statistics across prompts (sweep/stats.py, bootstrap seeded from the
+    diagnostics' seed), temperature exploration, context.
 
     control_margins: next-token rows (prompt_id, layer, control_margin) of the control prompts.
     """
-    rows = prompts.sort("prompt_id").to_dicts()
+    from sweep.stats import statistics_block, stats_seed
+
+    # Per-prompt entries for the manifest's own [[prompts]]; a prompt set's (thousands, at
+    # research scale) are rows of prompts-<name>.parquet and read through the statistics, so the
+    # JSON, and the driver that writes it, stay the size of the hand-written prompts.
+    own = prompts.filter(pl.col("prompt_set").is_null())
+    rows = own.sort("prompt_id").to_dicts()
     primary_id = _primary_id(prompts)
-    per_prompt = []
-    for r in rows:
-        per_prompt.append(
-            {
-                "prompt_id": r["prompt_id"],
-                "role": r["role"],
-                "reference": r["reference"],
-                "suite": r["suite"],
-                "answer": r["answer"],
-                "answer_token": r["answer_token"],
-                "n_tokens": r["n_tokens"],
-                "L_copy": r["L_copy"],
-                "L_copy_H": r["L_copy_H"],
-                "L_semantic": r["L_semantic"],
-                "delta_layers": r["delta_layers"],
-                "final_answer_prob": r["final_answer_prob"],
-                "final_answer_rank": r["final_answer_rank"],
-                "final_prediction": _top_list(r),
-                "parity_max_abs": r["parity_max_abs"],
-                **{f: finite(r[f]) for f in AUDIT_PROMPT_FIELDS},
-            }
-        )
-    primary = next((p for p in per_prompt if p["prompt_id"] == primary_id), None)
+    sets = prompts.filter(pl.col("prompt_set").is_not_null()).group_by("prompt_set").len()
+    prompt_sets = {
+        r["prompt_set"]: {"n_prompts": r["len"], "per_prompt": f"prompts-{name}.parquet"}
+        for r in sets.sort("prompt_set").iter_rows(named=True)
+    }
+    per_prompt = [_prompt_entry(r) for r in rows]
+    primary_rows = prompts.filter(pl.col("prompt_id") == primary_id).to_dicts()
+    primary = _prompt_entry(primary_rows[0]) if primary_rows else None
     diag = {k: v for k, v in diagnostics.items() if k != "temperature_exploration"}
     return {
         "schema_version": SCHEMA_VERSION,
@@ -240,7 +321,9 @@ def model_json(
         "diagnostics": diag,
         "primary_prompt": primary,
         "prompts": per_prompt,
+        "prompt_sets": prompt_sets,
         "audit": audit_block(prompts, primary_id, control_margins),
+        "statistics": statistics_block(prompts, stats_seed(diagnostics)),
         "temperature_exploration": diagnostics.get("temperature_exploration", []),
         **context,
     }

@@ -1,7 +1,9 @@
 """The run ledger: every model's status, placement, timings and fingerprint, in the run directory.
 
 Rewritten atomically after every change, so a killed driver leaves the last consistent state
-and ``--rerun-failed`` knows exactly which models still need work.
+and ``--rerun-failed`` knows exactly which models still need work. A model's progress is
+counted in batches (``batches_total``, ``batches_done``, ``batches_resumed``: kept from an
+earlier run); the batches themselves are the parts ``sweep.parts`` keeps.
 """
 
 from __future__ import annotations

@@ -127,15 +127,21 @@ def _actor_config(manifest: Manifest, name: str) -> ActorConfig:
 
 
 def _largest_batch(manifest: Manifest) -> tuple[int, int]:
-    """The largest batch the actors will see: (prompts, tokens per prompt) for the estimate.
+    """A batch at least as large as any the actors will see: (rows, tokens per row).
 
-    No more prompts than the manifest has; tokens bounded by the longest prompt's UTF-8 bytes
-    plus BOS and one spare (a byte-level tokenizer never makes more tokens than bytes), and by
-    max_seq_len. The driver has no tokenizer: this is an upper bound, not the exact count.
+    Tokens per row are bounded by the longest prompt's UTF-8 bytes plus BOS and one spare (a
+    byte-level tokenizer never makes more tokens than bytes) and by max_seq_len. A real batch
+    (``plan_batches``) holds rows x width <= batch_tokens (a longer prompt goes alone), at most
+    batch_size rows and no more than the manifest's prompts; the rows returned cover those
+    tokens at the bound's width, so rows x seq and rows x seq^2 (attention) bound the real
+    batch's. The driver has no tokenizer: this is an upper bound, not the exact count.
     """
     o = manifest.options
     longest = max(len(p.text.encode("utf-8")) for p in manifest.prompts)
-    return min(o.batch_size, len(manifest.prompts)), min(o.max_seq_len, longest + 2)
+    seq = min(o.max_seq_len, longest + 2)
+    rows = min(o.batch_size, len(manifest.prompts))
+    tokens = min(rows * seq, max(o.batch_tokens, seq))
+    return -(-tokens // seq), seq
 
 
 def _demands(
@@ -177,6 +183,10 @@ def _summary_table(ledger: Ledger) -> str:
         detail = e.get("error") or (
             f"parity {e['parity_max_abs']:.1e}" if "parity_max_abs" in e else ""
         )
+        if e.get("status") in ("failed", "running") and e.get("batches_done"):
+            detail += f"; {e['batches_done']}/{e['batches_total']} batches finished and kept"
+        elif e.get("batches_resumed"):
+            detail += f"; {e['batches_resumed']}/{e['batches_total']} batches resumed"
         if e.get("prompt_failures"):
             refused = [f["prompt_id"] for f in e["prompt_failures"]]
             detail += f"; {len(refused)} prompt(s) refused (longer than the context): "
@@ -221,6 +231,9 @@ def run(args: argparse.Namespace, manifest: Manifest) -> int:
                     fp = manifest.fingerprint(m)
                     if ledger.is_done(m.name, fp):
                         continue
+                    if ledger.models.get(m.name, {}).get("fingerprint") not in (None, fp):
+                        # Another configuration: its kept batches will not be reused.
+                        ledger.update(m.name, batches_done=None, batches_resumed=None)
                     ledger.update(m.name, status="pending", fingerprint=fp, error=None)
                     todo.append(m.name)
                 return _sweep(args, manifest, run_dir, ledger, todo)
@@ -303,7 +316,8 @@ def _sweep(
     if configs:
         run_models(
             configs, {p.name: p.ray_options() for p in runnable}, list(manifest.prompts),
-            manifest.options.batch_size, run_dir, ledger, context, progress=not args.no_progress,
+            manifest.options.batch_size, manifest.options.batch_tokens, run_dir, ledger, context,
+            progress=not args.no_progress,
         )  # fmt: skip
     merge_run(run_dir, ledger.models)
     _reports(run_dir)
@@ -313,7 +327,10 @@ def _sweep(
     print(f"artefacts: {run_dir}")
     bad = [n for n, e in ledger.models.items() if e.get("status") != "ok"]
     if bad:
-        print(f"{len(bad)} model(s) not ok; fix the cause, then: {rerun_command(args)}")
+        print(
+            f"{len(bad)} model(s) not ok; fix the cause, then (finished batches are kept): "
+            f"{rerun_command(args)}"
+        )
     return 1 if bad else 0
 
 

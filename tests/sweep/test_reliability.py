@@ -102,18 +102,19 @@ def test_two_concurrent_sweeps_on_one_out_one_runs_one_is_refused(tmp_path, tiny
 
 
 def test_a_write_error_fails_that_model_alone(tmp_path, tiny_checkpoints, monkeypatch, capsys):
-    # The disk fills while one model's batch is written (injected at the file layer): that model
-    # fails with the reason, the other completes, the summary and a pasteable hint are printed.
-    from sweep import artefacts
+    # The disk fills while one model's second batch is written (injected at the file layer):
+    # that model fails with the reason and keeps its first batch, the other completes, the
+    # summary and a pasteable hint are printed.
+    from sweep import parts
 
-    real_write = artefacts._StreamingParquet.write
+    real_write = parts.write_atomic
 
-    def write(self, batch):
-        if "tiny-gemma2" in self.final.name:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp))
-        return real_write(self, batch)
+    def write_atomic(final, write):
+        if final.parent.name == ".parts-tiny-gemma2" and not final.name.startswith("00000-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(final))
+        return real_write(final, write)
 
-    monkeypatch.setattr(artefacts._StreamingParquet, "write", write)
+    monkeypatch.setattr(parts, "write_atomic", write_atomic)
     models = {"tiny-llama": tiny_checkpoints["llama"], "tiny-gemma2": tiny_checkpoints["gemma2"]}
     manifest = write_manifest(tmp_path / "m.toml", models)
     out = tmp_path / "results"
@@ -126,9 +127,18 @@ def test_a_write_error_fails_that_model_alone(tmp_path, tiny_checkpoints, monkey
         in (entries["tiny-gemma2"]["error"])
     )
     run = out / "run-latest"
-    assert not list(run.glob("*tiny-gemma2*")) and not list(run.glob(".*"))
+    # No file of the failed model but its finished batch (0 of 2), kept for --rerun-failed;
+    # nothing half-written, nothing hidden of the model that completed.
+    assert [p.name for p in run.glob("*tiny-gemma2*")] == [".parts-tiny-gemma2"]
+    assert [p.name for p in run.glob(".*")] == [".parts-tiny-gemma2"]
+    kept = sorted(p.name for p in (run / ".parts-tiny-gemma2").iterdir())
+    assert [name.split(".", 1)[1] for name in kept] == ["json", "prompts.arrow", "records.arrow"]
+    assert all(name.startswith("00000-") for name in kept)
+    gemma2 = entries["tiny-gemma2"]
+    assert (gemma2["batches_done"], gemma2["batches_total"]) == (1, 2)
     assert (run / "records-tiny-llama.parquet").is_file()
     stdout = capsys.readouterr().out
+    assert "1/2 batches finished and kept" in stdout
     assert f"python -m sweep.run {manifest} --out {out} --rerun-failed" in stdout
 
 
@@ -276,8 +286,14 @@ def test_a_full_disk_fails_cleanly_and_the_run_resumes_once_there_is_room(
     assert f"--out {out} --num-cpus 1 --rerun-failed" in errors[0]
     run = out / "run-latest"
     Ledger.load(run)  # whatever the disk refused, the ledger on it is whole
-    assert not list(run.glob(".*")) and not list(run.glob("*tiny-llama*"))  # nothing half-written
+    # Nothing half-written: no file of the model but the batches it finished, if any, whole.
+    hidden = [p.name for p in run.glob(".*")]
+    assert hidden in ([], [".parts-tiny-llama"])
+    assert [p.name for p in run.glob("*tiny-llama*")] == hidden
+    for part in run.glob(".parts-tiny-llama/*"):
+        assert not part.name.startswith(".")  # no temp file of an unfinished write
     filler.unlink()  # make room, then resume as the message says
     assert main([*argv, "--rerun-failed"]) == 0
     assert _ledger(out)["models"]["tiny-llama"]["status"] == "ok"
     assert (run / "records-tiny-llama.parquet").is_file()
+    assert not list(run.glob(".*"))  # finished: the parts are assembled and gone
