@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,11 @@ import polars as pl
 
 from sweep.artefacts import AUDIT_PROMPT_FIELDS, artefact_paths, model_artefact_score
 from sweep.files import write_atomic
+from sweep.stats import STATS_SCHEMA, prompt_statistics, stats_seed
 
 SUMMARY_STEM = "cross-model-summary"
 PROMPTS_STEM = "cross-model-prompts"
+STATS_STEM = "cross-model-statistics"  # long: model x prompt set x breakdown x subset x measure
 # Layers read as relative depth (layer / n_layers) in both tables.
 REL_LAYERS = ("L_copy", "L_copy_H", "L_semantic", "L_semantic_strong", "L_semantic_confirmed")
 # The primary prompt's audit in the summary: milestones, gates (and their stability), the
@@ -41,23 +44,36 @@ def _ledger_frame(models: dict[str, dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
+def _model_seed(run_dir: Path, name: str) -> int:
+    """The seed the model's JSON records (its statistics block was bootstrapped with it)."""
+    path = artefact_paths(run_dir, name)["json"]
+    info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return stats_seed(info.get("diagnostics") or {})
+
+
 def merge_run(run_dir: Path, models: dict[str, dict[str, Any]]) -> dict[str, Path]:
-    """Write the cross-model tables; one row per model (primary prompt) and one per model x prompt.
+    """Write the cross-model tables; one row per model (primary prompt), one per model x prompt,
+    and the statistics across prompts (sweep/stats.py), one row per model x prompt set x
+    breakdown x subset x measure.
 
     Relative depths are layer / n_layers. The summary carries the primary prompt's collapse
     layers, milestones and gates, and the model's lens-artefact score (mean over its prompts)
     and tier. Failed and skipped models appear with their status and null numbers, so the table
     always lists every model of the manifest.
     """
-    frames, scores = [], []
+    frames, scores, stats = [], [], [pl.DataFrame(schema=STATS_SCHEMA)]
     for name, entry in sorted(models.items()):
         path = artefact_paths(run_dir, name)["prompts_parquet"]
         if entry.get("status") == "ok" and path.is_file():
             frames.append(pl.read_parquet(path))
             score, tier, n = model_artefact_score(frames[-1])
             scores.append((name, score, tier, n))
+            stats.append(prompt_statistics(frames[-1], _model_seed(run_dir, name)))
     ledger = _ledger_frame(models)
     written: dict[str, Path] = {}
+    statistics = pl.concat(stats)
+    for suffix, writer in (("parquet", statistics.write_parquet), ("csv", statistics.write_csv)):
+        written[f"{STATS_STEM}.{suffix}"] = write_atomic(run_dir / f"{STATS_STEM}.{suffix}", writer)
     if frames:
         prompts = pl.concat(frames).with_columns(
             (pl.col(c).cast(pl.Float64) / pl.col("n_layers")).alias(f"{c}_rel") for c in REL_LAYERS

@@ -23,10 +23,12 @@ from sweep.reports.llm import ChatEndpoint, LLMError
 from sweep.reports.model_report import RAW_VS_NORM, model_report
 from sweep.reports.plots import (
     plot_cross_model,
+    plot_depth_distributions,
     plot_entropy_answer,
     plot_raw_vs_norm,
     plot_top1_heatmap,
 )
+from sweep.stats import relative_depths
 
 
 def build_reports(run_dir: Path, llm: ChatEndpoint | None = None) -> dict[str, Path]:
@@ -55,7 +57,13 @@ def build_reports(run_dir: Path, llm: ChatEndpoint | None = None) -> dict[str, P
     plot = plot_cross_model(curves(run), run_dir / "plot-cross-model.png") if run.models else None
     if plot is not None:
         written[plot.name] = plot
-    cross = cross_report(run, plot)
+    # Distributions across prompts, when some model has more than one prompt of a role.
+    depth_plot = None
+    if any(m.many_prompts for m in run.models.values()):
+        depths = {name: relative_depths(m.prompts) for name, m in run.models.items()}
+        depth_plot = plot_depth_distributions(depths, run_dir / "plot-cross-model-depths.png")
+        written[depth_plot.name] = depth_plot
+    cross = cross_report(run, plot, depth_plot)
     written["evaluation-cross-model.md"] = write_text(run_dir / "evaluation-cross-model.md", cross)
     cross_bundle = cross_model_bundle(run, cross, reports)
     written["cross-model"] = write_text(bundle_path(run_dir, "cross-model"), cross_bundle)

@@ -10,6 +10,7 @@ import polars as pl
 from sweep.reports.data import ModelData, RunData
 from sweep.reports.markdown import fmt, table
 from sweep.reports.model_report import delta_entropy
+from sweep.reports.stats_report import cross_statistics_section
 
 DEPTHS = (0.25, 0.50, 0.75)
 # The primary prompt's audit, compactly: the gates, the strictest copy, a cosine milestone.
@@ -62,7 +63,9 @@ def curves(run: RunData) -> dict[str, pl.DataFrame]:
     }
 
 
-def cross_report(run: RunData, plot: Path | None) -> str:
+def cross_report(run: RunData, plot: Path | None, depth_plot: Path | None = None) -> str:
+    """The cross-model report; with the statistics across prompts (and ``depth_plot``) when
+    some model has more than one prompt of a role in a prompt set."""
     rows = sorted(
         (model_row(m) for m in run.models.values()),
         key=lambda r: (r["rel_depth"] is None, r["rel_depth"] or 0, r["model"]),
@@ -97,6 +100,8 @@ def cross_report(run: RunData, plot: Path | None) -> str:
     ]
     if plot is not None:
         parts += ["", f"![answer probability and entropy against relative depth]({plot.name})"]
+    if any(m.many_prompts for m in run.models.values()):
+        parts += ["", cross_statistics_section(run, depth_plot)]
     if run.not_ok:
         parts += ["", "## Models without results", ""]
         for name, e in run.not_ok.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from sweep.artefacts import artefact_paths
+from sweep.stats import has_many_prompts, prompt_statistics, stats_seed
 
 
 @dataclass
@@ -34,6 +36,16 @@ class ModelData:
     @property
     def n_layers(self) -> int:
         return int(self.diagnostics.get("n_layers", 0))
+
+    @functools.cached_property
+    def statistics(self) -> pl.DataFrame:
+        """The statistics across prompts (sweep/stats.py), seeded as the JSON's block was."""
+        return prompt_statistics(self.prompts, stats_seed(self.diagnostics))
+
+    @property
+    def many_prompts(self) -> bool:
+        """More than one prompt of one role in a prompt set: the reports lead with statistics."""
+        return has_many_prompts(self.prompts)
 
     def pure_next(self, prompt_id: str | None = None) -> pl.DataFrame:
         """Next-token rows of one prompt (default: primary), one per layer, in layer order."""

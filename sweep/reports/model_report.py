@@ -10,6 +10,7 @@ import polars as pl
 
 from sweep.reports.data import ModelData, RunData
 from sweep.reports.markdown import fmt, table, tok
+from sweep.reports.stats_report import model_statistics_section
 
 COPY_REFLEX_LAYERS = 4  # a copy collapse in layers 0-3 is the "copy reflex"
 MILESTONES = (0.30, 0.60)
@@ -168,9 +169,21 @@ def _topk_cells(tokens: list[str], probs: list[float]) -> str:
     )
 
 
+# Per-prompt tables show at most this many rows; a research-scale run's full list is in its
+# prompts Parquet, which the note under a cut table names.
+MAX_PROMPT_ROWS = 40
+
+
+def _cut_note(m: ModelData, shown: int, total: int) -> list[str]:
+    if shown >= total:
+        return []
+    return ["", f"First {shown} of {total} prompts shown; all of them are in "
+            f"`prompts-{m.name}.parquet`."]  # fmt: skip
+
+
 def _tests_and_temperature(m: ModelData) -> str:
     rows = []
-    for r in m.prompts.iter_rows(named=True):
+    for r in m.prompts.head(MAX_PROMPT_ROWS).iter_rows(named=True):
         rows.append([
             f"`{r['prompt_id']}`", r["answer"] or "n/a", fmt(r["final_answer_prob"]),
             fmt(r["final_answer_rank"]), _topk_cells(r["final_top_tokens"], r["final_top_probs"]),
@@ -181,6 +194,7 @@ def _tests_and_temperature(m: ModelData) -> str:
         f"Final prediction (the model's own logits), top {TOP_SHOWN}:",
         "",
         table(["prompt", "answer", "p(answer)", "rank", "top tokens"], rows),
+        *_cut_note(m, len(rows), m.prompts.height),
     ]
     temps = [t for t in m.info.get("temperature_exploration", []) if t["prompt_id"] == m.primary_id]
     if temps:
@@ -231,21 +245,24 @@ def _distribution(m: ModelData) -> str:
                     fmt(r["L_semantic"]),
                     fmt(r["L_semantic"] / m.n_layers, 3) if r["L_semantic"] is not None else "n/a",
                 ]
-                for r in with_answer.iter_rows(named=True)
+                for r in with_answer.head(MAX_PROMPT_ROWS).iter_rows(named=True)
             ],
         ),
+        *_cut_note(m, min(MAX_PROMPT_ROWS, with_answer.height), with_answer.height),
     ]
     return "\n".join(parts)
 
 
 def model_report(m: ModelData, run: RunData, plots: dict[str, Path]) -> str:
-    """The full evaluation-<name>.md text."""
+    """The full evaluation-<name>.md text; led by the statistics across prompts when a prompt set
+    has more than one prompt of a role."""
     rows = m.pure_next()
     summary = m.prompts.filter(pl.col("prompt_id") == m.primary_id).row(0, named=True)
     shown = {label: path for label, path in plots.items() if label != RAW_VS_NORM}
     figures = "\n".join(f"![{label}]({path.name})" for label, path in shown.items())
+    lead = [model_statistics_section(m)] if m.many_prompts else []
     return "\n\n".join([
-        f"# Evaluation: {m.name}", _overview(m, run), _sanity(m, run, rows, summary),
+        f"# Evaluation: {m.name}", *lead, _overview(m, run), _sanity(m, run, rows, summary),
         _quantitative(rows, summary, m.n_layers) + ("\n\n" + figures if figures else ""),
         _tests_and_temperature(m), _distribution(m),
         audit_section(m, rows, plots.get(RAW_VS_NORM)),

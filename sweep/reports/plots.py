@@ -219,3 +219,44 @@ def plot_raw_vs_norm(model: ModelData, rows: pl.DataFrame, path: Path) -> Path:
     for ax in (ax_p, ax_d):
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+DEPTH_PLOT_MEASURES = ("L_semantic", "L_copy")
+MIN_BOX_PROMPTS = 2  # a prompt set of one prompt has no distribution to draw
+
+
+def depth_plot_figsize(n_boxes: int) -> tuple[float, float]:
+    return (12.0, 1.6 + 0.45 * max(n_boxes, 1))
+
+
+def plot_depth_distributions(depths: dict[str, pl.DataFrame], path: Path) -> Path:
+    """Box plots of relative depth (layer / n_layers) across prompts, one box per model and prompt
+    set of at least MIN_BOX_PROMPTS prompts with an answer, one panel per measure; each label says
+    how many of them reach the layer (the box is over those). ``depths``: per model,
+    sweep.stats.relative_depths."""
+    boxes = [
+        (model, prompt_set, rows)
+        for model, frame in sorted(depths.items())
+        for prompt_set in sorted(frame["prompt_set"].unique().to_list())
+        if (rows := frame.filter(pl.col("prompt_set") == prompt_set)).height >= MIN_BOX_PROMPTS
+    ]
+    one_set = len({b[1] for b in boxes}) <= 1
+    fig, axes = plt.subplots(
+        1, len(DEPTH_PLOT_MEASURES), figsize=depth_plot_figsize(len(boxes)), layout="constrained"
+    )
+    for ax, measure in zip(axes, DEPTH_PLOT_MEASURES, strict=True):
+        values, labels = [], []
+        for model, prompt_set, rows in reversed(boxes):  # the first model on top
+            reached = rows[measure].drop_nulls().to_numpy()
+            values.append(reached)
+            name = model if one_set else f"{model} [{prompt_set}]"
+            labels.append(f"{name}: {reached.size}/{rows.height}")
+        if values:
+            ax.boxplot(values, orientation="horizontal", tick_labels=labels, widths=0.6)
+        ax.set(xlim=(-0.02, 1.02), xlabel="relative depth (layer / n_layers)")
+        ax.set_title(measure)
+        ax.grid(alpha=0.3, axis="x")
+    where = f"prompt set {boxes[0][1]}: " if one_set and boxes else ""
+    fig.suptitle(f"Relative depth across prompts ({where}boxes over the prompts that reach the "
+                 "layer; labels: reached / prompts with an answer)")  # fmt: skip
+    return _save(fig, path)
