@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench device-check lint format clean
+.PHONY: venv test test-fast demo bench bench-sweep device-check lint format clean
 
 venv: $(STAMP)
 
@@ -28,12 +28,20 @@ demo: venv
 	$(BIN)/python -m sweep.run manifests/demo.toml
 
 # Speed ratios measured side by side (about an hour on 2 cores): the lens against its floor,
-# the audit's cost, the fast unembedding's speed and error, Ray against one process, GGUF cache.
+# the audit's cost, the fast unembedding's speed and error, Ray against one process, GGUF cache;
+# then bench-sweep.
 bench: venv
 	$(BIN)/python -m bench.lens_bench
 	$(BIN)/python -m bench.audit_bench
 	$(BIN)/python -m bench.unembed_bench
 	$(BIN)/python -m bench.sweep_bench
+	$(MAKE) --no-print-directory bench-sweep
+
+# A sweep against its number of prompts: time per 1,000 prompts and the driver's peak RSS at
+# 1,000 and 2,000 prompts (SmolLM2), the driver's RSS at 1,000 and 10,000 (a tiny random model),
+# and the lens pass against the forward in one process. BENCH_SWEEP_ARGS="--sizes 200 400" etc.
+bench-sweep: venv
+	$(BIN)/python -m bench.sweep_scale $(BENCH_SWEEP_ARGS)
 
 # Random-weight models of every shape in manifests/all.toml on DEVICE (cuda, mps or cpu);
 # DEVICE_CHECK_ARGS=--tiny for small versions.

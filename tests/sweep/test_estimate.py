@@ -232,6 +232,26 @@ def test_the_estimate_sizes_the_batches_the_prompts_really_make(tmp_path: Path) 
     assert demand.est_bytes["cuda"] == estimate_peak_bytes(shape, "float16", 2, 9)
     assert demand.est_bytes["cuda"] < 200 * GIB
 
+    # batch_tokens bounds rows x padded width: 40 prompts of up to 30 bytes (seq 32) in batches
+    # of at most 100 tokens need the memory of ceil(100 / 32) = 4 rows of 32, not 40.
+    from actors.prompts import PromptSpec, plan_batches
+    from sweep.run import _largest_batch
+
+    body = '[sweep]\nbatch_size = 100000\nbatch_tokens = 100\n[[models]]\nname = "m"\n'
+    body += 'id = "./llama-70b"\n'
+    texts = ["x" * (1 + i % 30) for i in range(40)]
+    body += "".join(f'[[prompts]]\nid = "p{i}"\ntext = "{t}"\n' for i, t in enumerate(texts))
+    (tmp_path / "m.toml").write_text(body)
+    manifest = load_manifest(tmp_path / "m.toml")
+    (demand,) = _demands(manifest, ["m"], ledger)
+    assert _largest_batch(manifest) == (4, 32)
+    assert demand.est_bytes["cuda"] == estimate_peak_bytes(shape, "float16", 4, 32)
+    # An upper bound on every batch the prompts make, even at one token per byte (+ BOS).
+    specs = [PromptSpec(f"p{i}", t) for i, t in enumerate(texts)]
+    for batch in plan_batches(specs, [len(t) + 1 for t in texts], 100000, 100):
+        rows, width = len(batch), max(len(p.text) + 1 for p in batch)
+        assert rows * width <= 4 * 32 and rows * width**2 <= 4 * 32**2
+
 
 # ---- shapes from local directories and files --------------------------------------------------
 
@@ -375,3 +395,126 @@ def test_truncated_gguf(tmp_path: Path) -> None:
         path.write_bytes(f.read(4096))  # ends inside the token list
     with pytest.raises(EstimateError, match="could not read the shape"):
         model_shape(ModelSource(gguf_path=str(path)))
+
+
+# ---- the anchor's larger models: published configs against published sizes ---------------------
+
+REPO = Path(__file__).resolve().parents[2]
+MISTRAL_SMALL_24B = {
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "hidden_size": 5120,
+    "intermediate_size": 32768,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,  # not hidden_size / heads (160): the attention is narrower than the stream
+    "vocab_size": 131072,
+    "tie_word_embeddings": False,
+}
+QWEN25_72B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 8192,
+    "intermediate_size": 29568,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+}
+# all.toml name -> (the config.json fields that size it, its parameter count: what transformers
+# builds from that config, which the model cards round to 24B, 70.6B and 72.7B)
+ANCHOR_MODELS = {
+    "Mistral-Small-24B-Base-2501": (MISTRAL_SMALL_24B, 23_572_403_200),
+    "Meta-Llama-3-70B": (LLAMA3_70B, 70_553_706_496),
+    "Qwen2.5-72B": (QWEN25_72B, 72_706_203_648),
+}
+SIZING_KEYS = (
+    "architectures", "hidden_size", "intermediate_size", "num_attention_heads",
+    "num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
+)  # fmt: skip
+H200_BYTES = 141 * 10**9  # as sold; the device reports about 139 GiB of it free
+
+
+@pytest.mark.parametrize("name", list(ANCHOR_MODELS))
+def test_anchor_models_derive_their_published_parameter_counts(name: str) -> None:
+    config, published = ANCHOR_MODELS[name]
+    s = shape_from_config(config)
+    assert s.n_params == pytest.approx(published, rel=0.01)
+    # Never below: the derivation counts 4 d of norm weights a block where there are 2 d.
+    assert published <= s.n_params < published * 1.0001
+    assert s.tied_embeddings is False and not s.exact_params
+
+
+def test_qwen2_qkv_biases_fit_in_the_norm_allowance() -> None:
+    """The derivation counts no biases; Qwen2's q/k/v projections have them (10,240 a block)."""
+    c = QWEN25_72B
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    per_block = head_dim * (c["num_attention_heads"] + 2 * c["num_key_value_heads"])
+    biases = c["num_hidden_layers"] * per_block
+    assert biases == 819_200  # 0.001% of 72.7B: no weight on any plan
+    norm_allowance = c["num_hidden_layers"] * 2 * c["hidden_size"]  # counted, not present
+    assert norm_allowance > biases
+    assert shape_from_config(c).n_params - ANCHOR_MODELS["Qwen2.5-72B"][1] == (
+        norm_allowance - biases
+    )
+
+
+def test_anchor_configs_are_the_device_checks_shapes_and_build_their_published_counts() -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for name, (config, published) in ANCHOR_MODELS.items():
+        shape_file = json.loads((REPO / "bench" / "shapes" / f"{name}.json").read_text())
+        assert {k: shape_file.get(k) for k in SIZING_KEYS} == {
+            k: config.get(k) for k in SIZING_KEYS
+        }
+        with torch.device("meta"):  # shapes only, no memory
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**shape_file))
+        assert sum(p.numel() for p in model.parameters()) == published, name
+
+
+def test_anchor_models_in_bf16_are_planned_on_one_h200_or_two(tmp_path: Path) -> None:
+    """The driver's demands for the three, with all.toml's prompts and dtypes (no Ray)."""
+    from sweep.ledger import Ledger
+    from sweep.manifest import load_manifest
+    from sweep.placement import NodeInfo, plan
+    from sweep.run import _demands, _largest_batch
+
+    dtypes = {m.name: m.dtype for m in load_manifest(REPO / "manifests" / "all.toml").models}
+    prompts = REPO / "manifests" / "prompts" / "capital-de.toml"
+    body = f'include = [{json.dumps(str(prompts))}]\n[sweep]\nname = "anchor"\nbatch_size = 16\n'
+    for name, (config, _) in ANCHOR_MODELS.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        body += f'\n[[models]]\nname = "{name}"\nid = "./{name}"\ndtype = "{dtypes[name]}"\n'
+    (tmp_path / "m.toml").write_text(body)
+    manifest = load_manifest(tmp_path / "m.toml")
+    ledger = Ledger(tmp_path / "ledger.json", {"models": {}})
+    names = list(ANCHOR_MODELS)
+    demands = dict(zip(names, _demands(manifest, names, ledger, max_gpus=8), strict=True))
+    batch, seq = _largest_batch(manifest)
+    assert (batch, seq) == (16, 78)  # all.toml's batches: 16 prompts, <= 76 bytes + BOS + 1
+
+    h200s = NodeInfo("h200", "10.0.0.9", 64, 512 * GIB, gpu_free_bytes=(139 * GIB,) * 8)
+    cpu_only = NodeInfo("cpu", "10.0.0.8", 64, 256 * GIB)
+    want_gpus = {"Mistral-Small-24B-Base-2501": 1, "Meta-Llama-3-70B": 2, "Qwen2.5-72B": 2}
+    for name, d in demands.items():
+        assert d.dtype == {"cuda": "bfloat16", "mps": "bfloat16", "cpu": "bfloat16"}, name
+        weights = ledger.models[name]["weights_bytes"]["cuda"]
+        # Llama-3-70B's bf16 weights alone (141.1 GB) overflow an H200; Qwen2.5-72B's too.
+        assert (weights > H200_BYTES) == (want_gpus[name] == 2), name
+        assert (d.est_bytes["cuda"] > 139 * GIB) == (want_gpus[name] == 2), name
+        (p,) = plan([d], [h200s])
+        assert (p.status, p.device_kind, p.n_gpus, p.dtype) == (
+            "planned", "cuda", want_gpus[name], "bfloat16",
+        ), name  # fmt: skip
+        if want_gpus[name] == 2:
+            assert max(p.est_bytes_per_gpu) < 100 * GIB  # two hold it with room to spare
+        # A 256 GiB CPU node holds each in bf16; float32 (the CPU default) would not hold the
+        # 70B and 72B at twice the bytes.
+        (p,) = plan([d], [cpu_only])
+        assert (p.status, p.device_kind) == ("planned", "cpu"), name
+        f32 = estimate_peak_bytes(shape_from_config(ANCHOR_MODELS[name][0]), "float32", 16, 78)
+        assert (f32 > 256 * GIB) == (want_gpus[name] == 2), name

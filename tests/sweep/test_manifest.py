@@ -46,8 +46,13 @@ def _snapshot(root: Path) -> dict[str, bytes | None]:
 
 def test_all_toml_loads_the_seed_sweep() -> None:
     m = load_manifest(REPO / "manifests" / "all.toml")
-    assert len(m.models) == 7
+    assert len(m.models) == 10  # the seed's seven and the anchor's three larger models
     assert [e.name for e in m.models][:2] == ["Meta-Llama-3-8B", "Mistral-7B-v0.1"]
+    assert [e.name for e in m.models][-3:] == [
+        "Mistral-Small-24B-Base-2501",
+        "Meta-Llama-3-70B",
+        "Qwen2.5-72B",
+    ]
     assert all(e.source.hf is not None for e in m.models)
     assert len(m.prompts) == 17
     first = m.prompts[0]
