@@ -193,7 +193,6 @@ def run_models(
                 ledger.update(name, batches_done=job.done)
                 next_step(job)
             else:
-                value.pop("temperature_exploration", None)  # every batch's come from its part
                 try:
                     files = job.sink.commit(value, context(name))
                 except Exception as exc:  # a broken artefact must not take the other models down

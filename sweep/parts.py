@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -224,19 +225,32 @@ def _gather(chunk: list[tuple[int, int, int, int, int]], parts: dict[int, Part])
     """The rows of ``chunk`` (rank, part index, first row, rows, bytes), in its order, as one
     compact table: each part's wanted rows are copied out of its mapping (one slice per prompt
     would cost ~10 KiB of objects each), then put in order."""
-    wanted: dict[int, list[int]] = {}  # part index -> its rows the chunk needs, in chunk order
-    where: list[tuple[int, int, int]] = []  # per prompt: part index, first of its rows, rows
-    for _, index, start, rows, _ in chunk:
-        rows_of = wanted.setdefault(index, [])
-        where.append((index, len(rows_of), rows))
-        rows_of.extend(range(start, start + rows))
-    pieces, offset, total = [], {}, 0
-    for index, rows_of in wanted.items():
-        records = _read_ipc(parts[index].path("records.arrow"))
-        pieces.append(records.take(pa.array(rows_of, pa.int64())))
-        offset[index], total = total, total + len(rows_of)
-    order = [offset[index] + first + k for index, first, rows in where for k in range(rows)]
-    return pa.Table.from_batches(pieces).take(pa.array(order, pa.int64()))
+    runs = np.array([(index, start, rows) for _, index, start, rows, _ in chunk], np.int64)
+    indices, starts, counts = runs.T
+    # One part's runs, in chunk order, become consecutive rows of its piece; the pieces follow
+    # each other in order of first use.
+    used = list(dict.fromkeys(indices.tolist()))
+    pieces, where = [], np.empty(len(runs), np.int64)  # where: each run's first row in the table
+    total = 0
+    for index in used:
+        mine = np.flatnonzero(indices == index)
+        pieces.append(
+            _read_ipc(parts[index].path("records.arrow")).take(
+                pa.array(_ranges(starts[mine], counts[mine]))
+            )
+        )
+        where[mine] = total + np.concatenate(([0], np.cumsum(counts[mine])[:-1]))
+        total += int(counts[mine].sum())
+    return pa.Table.from_batches(pieces).take(pa.array(_ranges(where, counts)))
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """starts[i], starts[i] + 1, ..., starts[i] + counts[i] - 1 for each i, concatenated."""
+    if counts.size == 0:
+        return np.empty(0, np.int64)
+    run_of_row = np.repeat(np.arange(counts.size), counts)
+    first_row_of_run = np.cumsum(counts) - counts
+    return starts[run_of_row] + np.arange(int(counts.sum())) - first_row_of_run[run_of_row]
 
 
 def prompt_summaries(parts: list[Part], order: list[str]) -> pa.Table:

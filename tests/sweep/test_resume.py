@@ -204,3 +204,13 @@ def test_only_parts_of_the_same_batch_and_fingerprint_are_reused(tmp_path):
     # A failure before any batch finished leaves no folder behind.
     ModelArtefacts(tmp_path, "m", "fingerprint-2").abort()
     assert not folder.exists()
+
+
+def test_row_ranges_concatenate_each_run_in_order():
+    import numpy as np
+
+    from sweep.parts import _ranges
+
+    got = _ranges(np.array([5, 0, 9]), np.array([2, 3, 0]))
+    assert got.tolist() == [5, 6, 0, 1, 2]
+    assert _ranges(np.array([], np.int64), np.array([], np.int64)).tolist() == []
