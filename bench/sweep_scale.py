@@ -288,6 +288,17 @@ class LensVsForward:
     n_batches: int
     rounds: int
     seconds: dict[str, float]  # pass -> the median over rounds of its batches' summed wall time
+    # Padded token slots that hold no token: batches of batch_size in the prompts' own order
+    # against the sweep's token-sized batches.
+    padding_fixed: float
+    padding_planned: float
+
+
+def padding_fraction(batches: list[list[int]]) -> float:
+    """Of a batches' padded slots (rows x longest row per batch), the share that is padding;
+    each batch is given as its prompts' token lengths."""
+    slots = sum(len(b) * max(b) for b in batches)
+    return 1 - sum(sum(b) for b in batches) / slots
 
 
 def lens_vs_forward(
@@ -319,6 +330,9 @@ def lens_vs_forward(
     specs = [PromptSpec(p.id, p.text, p.answer) for p in generate_prompts(n_prompts)]
     lengths = actor.token_lengths(specs)
     batches = plan_batches(specs, lengths, batch_size, SweepOptions().batch_tokens)
+    length_of = dict(zip((p.id for p in specs), lengths, strict=True))
+    fixed = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    planned = [[length_of[p.id] for p in b] for b in batches]
     captured = []
     for prompts in batches:
         tok, (logits, resid) = hooked_forward(prompts)
@@ -346,7 +360,9 @@ def lens_vs_forward(
         for k, v in spent.items():
             walls[k].append(v)
     seconds = {k: statistics.median(v) for k, v in walls.items()}
-    return LensVsForward(n_prompts, len(batches), rounds, seconds)
+    return LensVsForward(
+        n_prompts, len(batches), rounds, seconds, padding_fraction(fixed), padding_fraction(planned)
+    )
 
 
 # ---- the report ----------------------------------------------------------------------------
@@ -395,6 +411,10 @@ def render_lens(m: LensVsForward) -> list[str]:
         for name in PASSES
     ]
     lens = m.seconds["lens pass"]
+    lines.append(
+        f"   padding: {m.padding_fixed:.0%} of token slots in batches of the prompts' own order, "
+        f"{m.padding_planned:.0%} in the sweep's token-sized batches"
+    )
     for name in ("hooked forward", "plain forward"):
         lines.append(
             f"   lens pass / {name} time: {lens / m.seconds[name]:.2f}x (no target: where a "

@@ -99,6 +99,15 @@ def test_a_tiny_run_reports_time_per_1000_prompts_and_the_ratios(tmp_path, tiny)
     assert ratio_lines[1].endswith(("PASS", "FAIL")) and "(target <= 1.10x)" in ratio_lines[1]
     assert ratio_lines[2].endswith("(no target here)")
     assert text.count("s per 1,000 prompts") == 2
+    assert 0 <= lens.padding_planned < lens.padding_fixed < 1  # mixed lengths, sorted batches
+    assert "padding: " in text and "token-sized batches" in text
     assert "lens pass / hooked forward time:" in text
     assert "lens pass / plain forward time:" in text
     assert "prompts/s" in text
+
+
+def test_padding_fraction_counts_empty_slots():
+    from bench.sweep_scale import padding_fraction
+
+    assert padding_fraction([[3, 1], [2]]) == 1 - 6 / 8
+    assert padding_fraction([[4, 4]]) == 0
