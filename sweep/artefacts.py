@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from actors.lens_actor import BatchResult
     from actors.prompts import PromptSpec
 
-ROW_GROUP_BYTES = 16 << 20  # records row groups of the final file: about this much Arrow data
+ROW_GROUP_BYTES = (
+    4 << 20
+)  # records row groups: about this much Arrow data (memory while assembling ~ 4x)
 # (assembling one holds ~5x this at peak: the rows copied out of the parts, in order, encoded)
 
 
@@ -175,6 +177,8 @@ class ModelArtefacts:
         for table in record_row_groups(parts, self._order, ROW_GROUP_BYTES):
             records.write(table)
         records.commit()
+        # Arrow's pool keeps what the assembly freed; a sweep of many models would stack it.
+        pa.default_memory_pool().release_unused()
         summaries = prompt_summaries(parts, self._order)
         write_atomic(
             self.paths["prompts_parquet"],
@@ -446,6 +450,37 @@ def _suites(rows: dict[str, dict[str, Any]], n_layers: int, on: bool) -> list[di
     return out
 
 
+def _audit_rows(prompts: pl.DataFrame, primary_id: str | None) -> pl.DataFrame:
+    """The prompts the audit block names one by one (controls, ablations and what they ablate,
+    suite members, the primary), by prompt id: never every row of a 10,000-prompt set."""
+    refs = prompts.filter(pl.col("role") == "ablation")["reference"].drop_nulls()
+    wanted = (
+        pl.col("role").is_in(["control", "ablation"])
+        | pl.col("suite").is_not_null()
+        | pl.col("prompt_id").is_in(refs.to_list())
+        | (pl.col("prompt_id") == (primary_id or ""))
+    )
+    return prompts.filter(wanted).sort("prompt_id")
+
+
+_TOP_BY_ALSO = {"lens_artefact_score": ("lens_artefact_tier",)}  # columns the caller reads too
+
+
+def _top_by(prompts: pl.DataFrame, column: str) -> dict[str, Any] | None:
+    """The row with the largest finite ``column`` (ties: the first prompt id), or None."""
+    value = pl.col(column).cast(pl.Float64)
+    narrow = prompts.select(
+        list(dict.fromkeys(("prompt_id", column, *_TOP_BY_ALSO.get(column, ()))))
+    )
+    finite_rows = narrow.filter(value.is_finite())
+    if finite_rows.is_empty():
+        return None
+    top = finite_rows.sort([value, pl.col("prompt_id")], descending=[True, False]).row(
+        0, named=True
+    )
+    return {k: finite(v) for k, v in top.items()}
+
+
 def audit_block(
     prompts: pl.DataFrame, primary_id: str | None, control_margins: pl.DataFrame | None
 ) -> dict[str, Any]:
@@ -457,16 +492,17 @@ def audit_block(
     keep their entries, with the plain lens's L_copy and L_semantic still filled.
     """
     on = audit_enabled(prompts)
-    rows = {r["prompt_id"]: r for r in prompts.sort("prompt_id").to_dicts()}
+    rows = {r["prompt_id"]: r for r in _audit_rows(prompts, primary_id).to_dicts()}
     n_layers = int(prompts["n_layers"][0]) if prompts.height else 0
     score, tier, n_scored = model_artefact_score(prompts)
-    scored = [r for r in rows.values() if finite(r["lens_artefact_score"]) is not None]
-    worst = max(scored, key=lambda r: r["lens_artefact_score"], default=None)
+    worst = _top_by(prompts, "lens_artefact_score")
     p = rows.get(primary_id or "") if on else None
-    head_kls = [finite(r["last_kl_lens_to_head_bits"]) for r in rows.values()]
-    ratios = [(finite(r["max_resid_norm_ratio"]), r["prompt_id"]) for r in rows.values()]
-    top_ratio = max(((x, pid) for x, pid in ratios if x is not None), default=(None, None))
-    bad = [pid for pid, r in rows.items() if (r["n_nonfinite_layers"] or 0) > 0]
+    head_kl = (_top_by(prompts, "last_kl_lens_to_head_bits") or {}).get("last_kl_lens_to_head_bits")
+    top_ratio = _top_by(prompts, "max_resid_norm_ratio") or dict.fromkeys(
+        ("max_resid_norm_ratio", "prompt_id")
+    )
+    bad = prompts.filter(pl.col("n_nonfinite_layers").fill_null(0) > 0).sort("prompt_id")
+    bad_ids = bad["prompt_id"].to_list()
     return {
         "enabled": on,
         "lens_artefact_score": score,
@@ -485,11 +521,12 @@ def audit_block(
             "kl_lens_to_head_bits": finite(p["last_kl_lens_to_head_bits"]),
             "temperature": finite(p["last_temperature"]),
             "kl_after_temperature_bits": finite(p["last_kl_after_temperature_bits"]),
-            "max_kl_lens_to_head_bits_any_prompt": max((x for x in head_kls if x is not None), default=None),
+            "max_kl_lens_to_head_bits_any_prompt": head_kl,
         },
         "numeric_health": None if not on else {
-            "any_nonfinite": bool(bad), "prompts_with_nonfinite": bad,
-            "max_resid_norm_ratio": top_ratio[0], "max_resid_norm_ratio_prompt": top_ratio[1],
+            "any_nonfinite": bool(bad_ids), "prompts_with_nonfinite": bad_ids,
+            "max_resid_norm_ratio": top_ratio["max_resid_norm_ratio"],
+            "max_resid_norm_ratio_prompt": top_ratio["prompt_id"],
         },
         "controls": _controls(rows, control_margins),
         "ablations": _ablations(rows, on),

@@ -114,7 +114,8 @@ class Manifest:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolved(self) -> dict[str, Any]:
-        """A plain, TOML-like dict of the fully resolved manifest (written into the run)."""
+        """A plain, TOML-like dict of the fully resolved manifest (written into the run): every
+        [[prompts]] entry, and of the prompt sets the prompts with another role than test."""
         return {
             "sweep": asdict(self.options),
             "models": [
@@ -127,7 +128,11 @@ class Manifest:
                 }
                 for m in self.models
             ],
-            "prompts": [asdict(p) for p in self.prompts],
+            # A set's test prompts are rows of its file (path, sha256 and rows under
+            # "prompt_sets"): 10,000 of them here would make this file the driver's largest.
+            "prompts": [
+                asdict(p) for p in self.prompts if p.prompt_set is None or p.role != "test"
+            ],
             "prompt_sets": [
                 {k: v for k, v in asdict(s).items() if v is not None} for s in self.prompt_sets
             ],

@@ -230,7 +230,8 @@ def _gather(chunk: list[tuple[int, int, int, int, int]], parts: dict[int, Part])
     # One part's runs, in chunk order, become consecutive rows of its piece; the pieces follow
     # each other in order of first use.
     used = list(dict.fromkeys(indices.tolist()))
-    pieces, where = [], np.empty(len(runs), np.int64)  # where: each run's first row in the table
+    pieces: list[pa.RecordBatch] = []
+    where = np.empty(len(runs), np.int64)  # each run's first row in the gathered table
     total = 0
     for index in used:
         mine = np.flatnonzero(indices == index)
@@ -239,9 +240,21 @@ def _gather(chunk: list[tuple[int, int, int, int, int]], parts: dict[int, Part])
                 pa.array(_ranges(starts[mine], counts[mine]))
             )
         )
+        if len(pieces) == _COMBINE_PIECES:
+            # A piece's column objects cost ~90 KiB whatever its rows; a table drawing on every
+            # part (thousands at research scale) would hold that per part: fold them as we go.
+            pieces = _folded(pieces, RECORDS_SCHEMA)
         where[mine] = total + np.concatenate(([0], np.cumsum(counts[mine])[:-1]))
         total += int(counts[mine].sum())
-    return pa.Table.from_batches(pieces).take(pa.array(_ranges(where, counts)))
+    return pa.Table.from_batches(pieces, RECORDS_SCHEMA).take(pa.array(_ranges(where, counts)))
+
+
+_COMBINE_PIECES = 32  # parts gathered before their pieces are folded into one batch
+
+
+def _folded(batches: list[pa.RecordBatch], schema: pa.Schema) -> list[pa.RecordBatch]:
+    """``batches`` copied into one (the mapped parts they point into are then let go)."""
+    return pa.Table.from_batches(batches, schema).combine_chunks().to_batches()
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -255,7 +268,11 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def prompt_summaries(parts: list[Part], order: list[str]) -> pa.Table:
     """The prompt summaries of every part, one row per prompt, in ``order``."""
-    batches = [_read_ipc(p.path("prompts.arrow")) for p in parts]
+    batches: list[pa.RecordBatch] = []
+    for part in parts:
+        batches.append(_read_ipc(part.path("prompts.arrow")))
+        if len(batches) == _COMBINE_PIECES:  # as in _gather: a wide batch's objects add up
+            batches = _folded(batches, PROMPT_SUMMARY_SCHEMA)
     table = pa.Table.from_batches(batches, PROMPT_SUMMARY_SCHEMA)
     position = pc.index_in(table.column("prompt_id"), value_set=pa.array(order, pa.string()))
     return table.take(pc.sort_indices(position))

@@ -42,6 +42,9 @@ FLAG_MEASURES = ("answer_token_not_prefix", "answer_token_shared")
 BREAKDOWNS = ("all", "template", "group")
 SUBSETS = ("all", "unambiguous")
 _LABELS = ("prompt_set", "template", "group")
+# What the statistics read of a prompts table, besides its L_* layer columns.
+_STATS_COLUMNS = frozenset(("model", "prompt_id", "role", *_LABELS, "n_layers", "answer",
+                            "answer_token", "answer_token_id", "final_top_ids"))  # fmt: skip
 
 # One row per prompt set x breakdown x label x subset x measure (cross-model-statistics.*).
 STATS_SCHEMA = {
@@ -81,8 +84,10 @@ def stats_seed(diagnostics: dict[str, Any]) -> int:
 
 
 def stats_prompts(prompts: pl.DataFrame) -> pl.DataFrame:
-    """The prompts the statistics are over: roles primary and test; prompt_set null -> manifest."""
-    return _with_labels(prompts.filter(pl.col("role").is_in(STATS_ROLES)))
+    """The prompts the statistics are over: roles primary and test; prompt_set null -> manifest.
+    Only the columns the statistics read (a prompts table is wide: top-k lists, the audit)."""
+    used = [c for c in prompts.columns if c in _STATS_COLUMNS or c.startswith("L_")]
+    return _with_labels(prompts.select(used).filter(pl.col("role").is_in(STATS_ROLES)))
 
 
 def has_many_prompts(prompts: pl.DataFrame) -> bool:

@@ -187,6 +187,9 @@ def test_controls_and_ablations_reference_across_sets_and_prompts(tmp_path: Path
     assert (by_id["s-jp"].reference, by_id["s-jp"].foil) == ("p1", "Berlin")
     assert (by_id["s-de2"].role, by_id["s-de2"].reference) == ("ablation", "p1")
     assert by_id["s-fr"].suite == by_id["s-it"].suite == "caps"
+    # The resolved manifest lists the set rows with a role (their test rows stay in the file).
+    listed = [p["id"] for p in m.resolved()["prompts"]]
+    assert listed == ["p1", "t-es", "s-it", "s-jp", "s-de2"]
 
 
 def test_a_set_row_is_primary_only_when_there_are_no_prompts_tables(tmp_path: Path) -> None:

@@ -214,3 +214,33 @@ def test_row_ranges_concatenate_each_run_in_order():
     got = _ranges(np.array([5, 0, 9]), np.array([2, 3, 0]))
     assert got.tolist() == [5, 6, 0, 1, 2]
     assert _ranges(np.array([], np.int64), np.array([], np.int64)).tolist() == []
+
+
+def test_assembly_folds_pieces_from_many_parts_in_manifest_order(runs, tmp_path, monkeypatch):
+    """A row group drawing on more parts than are held at once (folded every few parts) still
+    comes out whole and in manifest order: the finished run's rows, re-split one prompt per part
+    in reverse, assemble to the same tables."""
+    import pyarrow.compute as pc
+
+    from actors.lens_actor import BatchResult
+    from sweep import parts as parts_module
+
+    run = runs["whole"] / "run-latest"
+    records = pq.read_table(run / f"records-{NAME}.parquet")
+    summaries = pq.read_table(run / f"prompts-{NAME}.parquet")
+    order = summaries.column("prompt_id").to_pylist()
+    store = parts_module.BatchParts(tmp_path / ".parts")
+    store.folder.mkdir()
+    written = []
+    for index, pid in enumerate(reversed(order)):
+        rows = records.filter(pc.equal(records.column("prompt_id"), pid))
+        summary = summaries.filter(pc.equal(summaries.column("prompt_id"), pid))
+        result = BatchResult(rows.combine_chunks().to_batches()[0], summary.to_batches()[0])
+        written.append(store.write(index, f"{index:016x}", [pid], result))
+    monkeypatch.setattr(parts_module, "_COMBINE_PIECES", 2)
+    groups = list(parts_module.record_row_groups(written, order, group_bytes=1 << 40))
+    assert len(groups) == 1 and len(written) > 2 * parts_module._COMBINE_PIECES
+    assert groups[0].equals(records)
+    small = list(parts_module.record_row_groups(written, order, group_bytes=1))
+    assert len(small) == len(order) and pa.concat_tables(small).equals(records)
+    assert parts_module.prompt_summaries(written, order).equals(summaries)
