@@ -140,7 +140,14 @@ class Manifest:
         }
 
 
-_TOP_KEYS = ("include", "sweep", "models", "prompts", "prompt_sets")
+_TOP_KEYS = (
+    "include",
+    "sweep",
+    "models",
+    "prompts",
+    "prompt_sets",
+    "fit",
+)  # [fit]: sweep/fit_options.py
 _SWEEP_KEYS = tuple(SweepOptions.__dataclass_fields__)
 _MODEL_KEYS = (
     "name",

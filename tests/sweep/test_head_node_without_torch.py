@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     # As if not installed: `import torch` fails and importlib.util.find_spec("torch") is None.
     for name in ("torch", "transformer_lens", "transformers"):
         sys.modules[name] = None
-    import sweep.run, sweep.merge, sweep.report  # noqa: F401  the driver's whole import graph
+    import sweep.run, sweep.merge, sweep.report, sweep.fit  # noqa: F401  the driver's whole import graph
     from sweep.manifest import load_manifest
     from sweep.placement import ModelDemand, NodeInfo, plan
     from sweep.run import _actor_config

@@ -1,0 +1,157 @@
+"""python -m sweep.fit: trained lenses fitted by Ray actors, cached, resumed after a kill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+import sweep.fit as fit_module
+from sweep.fit import CARD_FILE, CHECKPOINT_CARD, LENS_FILE, LensCardError, check_card, main
+
+NAME = "tiny-llama"
+FIT = (
+    "[fit]\nseq_len = 32\ntrain_tokens = 384\nheldout_tokens = 96\nsteps = 12\n"
+    "checkpoint_every = 4\nbatch_rows = 64\nlayers_per_step = 2\nlr = 0.01\n"
+)
+KILL_AT_CHECKPOINT = 2  # the worker dies as the driver stores the tuned lens's second checkpoint
+
+
+def _manifest(path: Path, model: Path, fit: str = FIT) -> Path:
+    path.write_text(
+        f'[sweep]\nname = "fit"\n\n[[models]]\nname = "{NAME}"\nid = "{model}"\n\n'
+        '[[prompts]]\nid = "p"\ntext = "The capital of France is"\nanswer = "Paris"\n\n' + fit
+    )
+    return path
+
+
+def _kill_the_fit_actor() -> None:
+    workers = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "FitActor" in " ".join(proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:
+            continue
+    assert workers, "no FitActor worker found"
+    for worker in workers:
+        worker.kill()
+    psutil.wait_procs(workers, timeout=30)
+
+
+def _lenses(out: Path) -> dict[str, Path]:
+    """lens kind -> its folder."""
+    return {p.name.split("-")[0]: p for p in (out / "lenses" / NAME).iterdir()}
+
+
+@pytest.fixture(scope="module")
+def fits(tiny_checkpoints, tmp_path_factory) -> dict:
+    """One uninterrupted fit; one whose worker is killed mid-fit, then the same command again."""
+    root = tmp_path_factory.mktemp("fit")
+    manifest = _manifest(root / "m.toml", tiny_checkpoints["llama"])
+    argv = [str(manifest), "--no-progress", "--num-cpus", "1"]
+    whole, resumed = root / "whole", root / "resumed"
+    assert main([*argv, "--out", str(whole)]) == 0
+
+    real_write = fit_module.write_json
+    checkpoints: list[dict] = []
+
+    def write_then_kill(path: Path, data):
+        out = real_write(path, data)
+        if path.name == CHECKPOINT_CARD:
+            checkpoints.append(dict(data))
+            if len(checkpoints) == KILL_AT_CHECKPOINT:
+                _kill_the_fit_actor()
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fit_module, "write_json", write_then_kill)
+        killed_code = main([*argv, "--out", str(resumed)])
+    left = {k: sorted(p.name for p in f.iterdir()) for k, f in _lenses(resumed).items()}
+    rerun_code = main([*argv, "--out", str(resumed)])
+    return {"whole": whole, "resumed": resumed, "killed_code": killed_code, "left": left,
+            "checkpoints": checkpoints, "rerun_code": rerun_code, "argv": argv}  # fmt: skip
+
+
+def _card(folder: Path) -> dict:
+    return json.loads((folder / CARD_FILE).read_text())
+
+
+def test_both_lenses_are_fitted_and_lower_the_heldout_kl(fits) -> None:
+    lenses = _lenses(fits["whole"])
+    assert sorted(lenses) == ["prism", "tuned"]
+    for kind, folder in lenses.items():
+        card = _card(folder)
+        assert sorted(p.name for p in folder.iterdir()) == [CARD_FILE, LENS_FILE]
+        kl = card["heldout_kl_bits_by_layer"]
+        mean = {k: sum(v[:-1]) / len(v[:-1]) for k, v in kl.items()}
+        assert mean[kind] < mean["final"], (kind, kl)
+        assert card["steps"] == 12 and len(card["loss_bits"]) == 12
+        assert card["n_lens_layers"] == 4 and card["d_model"] == 64
+        assert card["text"]["text"] == "pydoc:topics" and len(card["text"]["sha256"]) == 64
+        assert card["data"]["heldout_rows"] == 96 and card["data"]["train_rows"] == 384
+        assert card["versions"]["torch"]
+
+
+def test_the_last_layers_translator_stays_the_identity(fits) -> None:
+    change = _card(_lenses(fits["whole"])["tuned"])["change_by_layer"]
+    assert change[-1] == 0.0 and min(change[:-1]) > 0.0, change
+
+
+def test_a_killed_fit_resumes_from_its_checkpoint_with_the_same_weights(fits) -> None:
+    assert fits["killed_code"] == 1
+    assert fits["left"]["tuned"] == ["checkpoint.json", "checkpoint.safetensors"]
+    assert [c["step"] for c in fits["checkpoints"]] == [4, 8]
+    assert fits["rerun_code"] == 0
+    whole, resumed = _lenses(fits["whole"]), _lenses(fits["resumed"])
+    assert whole.keys() == resumed.keys()
+    for kind in whole:
+        assert whole[kind].name == resumed[kind].name  # the same key
+        assert (whole[kind] / LENS_FILE).read_bytes() == (resumed[kind] / LENS_FILE).read_bytes()
+    card = _card(resumed["tuned"])
+    assert card["resumed_from_step"] == 8
+    assert card["loss_bits"] == _card(whole["tuned"])["loss_bits"]
+
+
+def test_a_fitted_lens_is_not_fitted_again(fits, capsys) -> None:
+    folder = _lenses(fits["whole"])["tuned"]
+    before = (folder / CARD_FILE).stat().st_mtime_ns
+    assert main([*fits["argv"], "--out", str(fits["whole"])]) == 0
+    assert "already fitted (cached)" in capsys.readouterr().out
+    assert (folder / CARD_FILE).stat().st_mtime_ns == before
+
+
+def test_a_card_for_another_model_or_shape_is_refused(fits) -> None:
+    card = _card(_lenses(fits["whole"])["tuned"])
+    shapes = {k: card[k] for k in ("n_lens_layers", "d_model", "d_vocab")}
+    check_card(card, NAME, card["model_identity"], shapes)  # its own model: accepted
+    with pytest.raises(LensCardError, match=r"d_model 64 != the model's 128.*Refit"):
+        check_card(card, NAME, card["model_identity"], {**shapes, "d_model": 128})
+    with pytest.raises(LensCardError, match="fitted to model identity"):
+        check_card(card, NAME, "0123456789abcdef", shapes)
+
+
+@pytest.mark.parametrize(
+    ("fit", "phrase"),
+    [
+        ("[fit]\nstepz = 3\n", "unknown key(s) stepz"),
+        ('[fit]\nlenses = ["tuned", "magic"]\n', "lenses must be distinct names"),
+        ("[fit]\nsteps = 0\n", "steps must be >= 1"),
+        ('[fit]\nrank = "huge"\n', 'rank must be "auto", "full" or >= 1'),
+        ('[fit]\ntext = "missing.txt"\n', "missing.txt"),
+    ],
+)
+def test_a_bad_fit_table_is_one_clear_error(tmp_path, tiny_checkpoints, capsys, fit, phrase):
+    manifest = _manifest(tmp_path / "m.toml", tiny_checkpoints["llama"], fit)
+    assert main([str(manifest), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and err.count("\n") == 1, err
+
+
+def test_the_driver_knows_the_kernels_lens_kinds() -> None:
+    from lens_kernel.translators import TRANSLATOR_KINDS
+    from sweep.fit_options import TRAINED_LENSES
+
+    assert TRAINED_LENSES == TRANSLATOR_KINDS
