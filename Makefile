@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench bench-sweep device-check lint format clean
+.PHONY: venv test test-fast demo fit bench bench-sweep device-check lint format clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ test-fast: venv
 
 demo: venv
 	$(BIN)/python -m sweep.run manifests/demo.toml
+
+# Trained lenses (tuned, prism) for the demo models, cached under results/lenses/.
+fit: venv
+	$(BIN)/python -m sweep.fit manifests/demo.toml
 
 # Speed ratios measured side by side (about an hour on 2 cores): the lens against its floor,
 # the audit's cost, the fast unembedding's speed and error, Ray against one process, GGUF cache;

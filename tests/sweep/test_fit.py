@@ -155,3 +155,49 @@ def test_the_driver_knows_the_kernels_lens_kinds() -> None:
     from sweep.fit_options import TRAINED_LENSES
 
     assert TRAINED_LENSES == TRANSLATOR_KINDS
+
+
+def _options(tmp_path: Path, fit: str):
+    from sweep.fit_options import load_fit_options
+
+    path = tmp_path / "m.toml"
+    path.write_text(fit)
+    return load_fit_options(path, sweep_seed=316)
+
+
+def test_fit_text_reads_txt_jsonl_and_parquet_the_same(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sweep.fit_options import read_documents
+
+    docs = ["First document,\nwith two lines.", "Second one: a, b; c.", "Third."]
+    (tmp_path / "t.txt").write_text("\n\n".join(docs) + "\n\n\n")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    pq.write_table(pa.table({"body": docs}), tmp_path / "t.parquet")
+    seen = {}
+    for name in ("t.txt", "t.jsonl", "t.parquet"):
+        options = _options(tmp_path, f'[fit]\ntext = "{name}"\ntext_column = "body"\n')
+        got, source = read_documents(options, tmp_path)
+        assert [d.strip() for d in got] == docs, name
+        seen[name] = source
+    assert seen["t.jsonl"]["sha256"] == seen["t.parquet"]["sha256"]
+    assert seen["t.txt"]["documents"] == 3
+    limited = _options(
+        tmp_path, '[fit]\ntext = "t.jsonl"\ntext_column = "body"\nmax_documents = 2\n'
+    )
+    assert len(read_documents(limited, tmp_path)[0]) == 2
+
+
+def test_fit_text_errors_name_the_file_and_what_is_wrong(tmp_path) -> None:
+    from sweep.errors import ManifestError
+    from sweep.fit_options import read_documents
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
+    with pytest.raises(ManifestError, match=r"bad.jsonl: line 2: no string column 'text'"):
+        read_documents(_options(tmp_path, '[fit]\ntext = "bad.jsonl"\n'), tmp_path)
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(ManifestError, match="no documents"):
+        read_documents(_options(tmp_path, '[fit]\ntext = "empty.txt"\n'), tmp_path)
+    with pytest.raises(ManifestError, match="dataset"):  # offline here, or no datasets package
+        read_documents(_options(tmp_path, '[fit]\ntext = "someone/some-corpus"\n'), tmp_path)
