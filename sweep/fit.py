@@ -257,6 +257,7 @@ def run_fit(args: argparse.Namespace, manifest: Manifest, options: FitOptions) -
     try:
         fit_root = args.out / "lenses"
         fit_root.mkdir(parents=True, exist_ok=True)
+        # The planner records each model's shape (or why it could not be read) in a ledger.
         ledger = Ledger.create(fit_root / ".last-fit", str(manifest.path))
         nodes = probe_nodes()
         demands = []
@@ -276,7 +277,9 @@ def run_fit(args: argparse.Namespace, manifest: Manifest, options: FitOptions) -
         for position, job in enumerate(todo):
             p = placements.get(job.name)
             if p is None or p.status == "skipped_no_fit":
-                failed[job.name] = p.reason if p is not None else "its shape could not be read"
+                failed[job.name] = (
+                    p.reason if p is not None else ledger.models.get(job.name, {}).get("error", "")
+                )
                 continue
             config = replace(_actor_config(manifest, job.name), device=p.device,
                              devices=p.devices, torch_threads=p.torch_threads,
@@ -325,6 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the driver's own files: a full disk, a folder it may not write
+        print(
+            f"error: writing under {args.out / 'lenses'} failed ({exc}); finished lenses and the "
+            "last checkpoints are kept. Fix it, then run the same command again",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished lenses and the last checkpoints are kept; run the same "
+              "command again to resume", file=sys.stderr)  # fmt: skip
+        return 130
 
 
 if __name__ == "__main__":

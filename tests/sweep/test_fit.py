@@ -201,3 +201,11 @@ def test_fit_text_errors_name_the_file_and_what_is_wrong(tmp_path) -> None:
         read_documents(_options(tmp_path, '[fit]\ntext = "empty.txt"\n'), tmp_path)
     with pytest.raises(ManifestError, match="dataset"):  # offline here, or no datasets package
         read_documents(_options(tmp_path, '[fit]\ntext = "someone/some-corpus"\n'), tmp_path)
+
+
+def test_a_missing_model_is_one_clear_error_and_nothing_is_written(tmp_path, capsys) -> None:
+    manifest = _manifest(tmp_path / "m.toml", tmp_path / "no-such-model", FIT)
+    assert main([str(manifest), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "local model directory not found" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
