@@ -83,9 +83,13 @@ class Prism(torch.nn.Module):
         """Q = exp(S - S^T): orthogonal for every S."""
         return torch.linalg.matrix_exp(self.skew - self.skew.T)
 
-    def forward(self, resid: torch.Tensor, layer: int) -> torch.Tensor:
+    def forward(
+        self, resid: torch.Tensor, layer: int, rotation: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``rotation``: Q computed once for several layers (one matrix exponential per step)."""
+        q = self.rotation() if rotation is None else rotation
         z = (resid.float() - self.mean) / self.std
-        return self.out_mean + self.out_std * (z @ self.rotation().T)
+        return self.out_mean + self.out_std * (z @ q.T)
 
 
 def whitening_stats(resid: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +165,14 @@ def fit_step(
     (nats) over ``layers`` and rows; returns that loss in bits."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for layer in layers:
-        kl = kl_nats(target_log_probs, lens_log_probs(translator, resid[layer], layer,
-                                                      final_norm, unembed)).mean()  # fmt: skip
-        (kl / len(layers)).backward()
+    # Prism's Q is shared: one matrix exponential per step, its graph kept across the layers'
+    # backward passes (each layer's [rows, V] logits are still freed after its own).
+    q = translator.rotation() if isinstance(translator, Prism) else None
+    for i, layer in enumerate(layers):
+        h = translator(resid[layer], layer) if q is None else translator(resid[layer], layer, q)
+        lp = torch.log_softmax(decode(apply_norm(h, final_norm), unembed), dim=-1)
+        kl = kl_nats(target_log_probs, lp).mean()
+        (kl / len(layers)).backward(retain_graph=q is not None and i < len(layers) - 1)
         total += float(kl.detach())
     optimizer.step()
     return total / len(layers) / LN2

@@ -132,3 +132,29 @@ def test_step_samples_depend_on_seed_and_step_only() -> None:
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[1] == sorted(a[1])
     assert not torch.equal(step_sample(s, 18, 100, 10)[0], a[0])
     assert len(set(a[0].tolist())) == 8 and len(set(a[1])) == 3
+
+
+def test_a_prism_step_computes_q_once_with_the_gradient_of_one_q_per_layer() -> None:
+    resid, norm, unembed = _setup(seed=6)
+    stats = (*whitening_stats(resid[:-1]), *whitening_stats(resid[-1]))
+    fast, slow = Prism(*stats), Prism(*stats)
+    with torch.no_grad():
+        skew = torch.randn(D, D, generator=torch.Generator().manual_seed(7)) * 0.1
+        fast.skew.copy_(skew)
+        slow.skew.copy_(skew)
+    target = lens_log_probs(None, resid[-1], LAYERS - 1, norm, unembed).detach()
+    sgd = torch.optim.SGD(fast.parameters(), lr=0.0)  # lr 0: only the gradient is compared
+    loss = fit_step(fast, sgd, resid, target, [0, 1, 2], norm, unembed)
+    total = sum(
+        _kl_bits_mean(slow, resid[layer], layer, norm, unembed, target) for layer in (0, 1, 2)
+    )
+    (total / 3 * math.log(2)).backward()
+    assert loss == pytest.approx(float(total.detach()) / 3, rel=1e-5)
+    assert torch.allclose(fast.skew.grad, slow.skew.grad, rtol=1e-4, atol=1e-7)
+
+
+def _kl_bits_mean(translator, rows, layer, norm, unembed, target) -> torch.Tensor:
+    from lens_kernel.translators import kl_nats
+
+    lp = lens_log_probs(translator, rows, layer, norm, unembed)
+    return kl_nats(target, lp).mean() / math.log(2)
