@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 
 from sweep.errors import ManifestError
 from sweep.prompt_files import checked_file
@@ -81,9 +80,11 @@ _POSITIVE = ("seq_len", "train_tokens", "heldout_tokens", "steps", "batch_rows",
 
 
 def load_fit_options(manifest: Path, sweep_seed: int) -> FitOptions:
-    """The [fit] table of ``manifest`` (defaults where absent); ManifestError names the key."""
-    with open(manifest, "rb") as f:
-        table = tomllib.load(f).get("fit", {})
+    """The [fit] table of ``manifest`` itself, not of its includes (defaults where absent);
+    ManifestError names the key."""
+    from sweep.manifest import _read_toml
+
+    table = _read_toml(manifest).get("fit", {})
     where = f"{manifest}: [fit]"
     if not isinstance(table, dict):
         raise ManifestError(f"{where}: expected a table")
