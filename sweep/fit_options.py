@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from sweep.errors import ManifestError
 from sweep.prompt_files import checked_file
 
