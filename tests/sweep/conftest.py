@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from sweep.run import main
@@ -38,6 +39,21 @@ def reply_json(handler: Any, payload: dict) -> None:
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
+
+
+def kill_actor_workers(actor_class: str) -> None:
+    """SIGKILL the worker processes of this driver's local Ray that run ``actor_class``."""
+    workers = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and actor_class in " ".join(proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:  # a process that ended meanwhile
+            continue
+    assert workers, f"no {actor_class} worker found"
+    for worker in workers:  # one model, one actor: only a finished session's could be another
+        worker.kill()
+    psutil.wait_procs(workers, timeout=30)
 
 
 def write_manifest(path: Path, models: dict[str, Path], top_k: int = 5) -> Path:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import psutil
 import pytest
 
 import sweep.fit as fit_module
 from sweep.fit import CARD_FILE, CHECKPOINT_CARD, LENS_FILE, LensCardError, check_card, main
+from tests.sweep.conftest import kill_actor_workers
 
 NAME = "tiny-llama"
 FIT = (
@@ -25,20 +25,6 @@ def _manifest(path: Path, model: Path, fit: str = FIT) -> Path:
         '[[prompts]]\nid = "p"\ntext = "The capital of France is"\nanswer = "Paris"\n\n' + fit
     )
     return path
-
-
-def _kill_the_fit_actor() -> None:
-    workers = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and "FitActor" in " ".join(proc.cmdline()):
-                workers.append(proc)
-        except psutil.Error:
-            continue
-    assert workers, "no FitActor worker found"
-    for worker in workers:
-        worker.kill()
-    psutil.wait_procs(workers, timeout=30)
 
 
 def _lenses(out: Path) -> dict[str, Path]:
@@ -63,7 +49,7 @@ def fits(tiny_checkpoints, tmp_path_factory) -> dict:
         if path.name == CHECKPOINT_CARD:
             checkpoints.append(dict(data))
             if len(checkpoints) == KILL_AT_CHECKPOINT:
-                _kill_the_fit_actor()
+                kill_actor_workers("FitActor")
         return out
 
     with pytest.MonkeyPatch.context() as patch:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +14,7 @@ from actors.prompts import PromptSpec
 from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA
 from sweep.artefacts import ModelArtefacts
 from sweep.run import main
+from tests.sweep.conftest import kill_actor_workers
 
 NAME = "tiny-llama"
 LONG = " ".join(["Berlin"] * 600)  # ~600 tokens: longer than the tiny models' context of 256
@@ -46,21 +46,6 @@ def _manifest(path: Path, model: Path) -> Path:
     return path
 
 
-def _kill_the_lens_actor() -> None:
-    """SIGKILL the LensActor's worker process (a child of this driver's local Ray)."""
-    workers = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and "LensActor" in " ".join(proc.cmdline()):
-                workers.append(proc)
-        except psutil.Error:  # a process that ended meanwhile
-            continue
-    assert workers, "no LensActor worker found"
-    for worker in workers:  # one model, one actor: only a finished session's could be another
-        worker.kill()
-    psutil.wait_procs(workers, timeout=30)
-
-
 def _ledger(out: Path) -> dict:
     return json.loads((out / "run-latest" / "ledger.json").read_text())["models"][NAME]
 
@@ -84,7 +69,8 @@ def runs(tiny_checkpoints, tmp_path_factory) -> dict:
     def add_then_kill(self, result, index=None):
         adds.append(index)
         if len(adds) == KILL_AT_ADD:
-            _kill_the_lens_actor()  # this batch's result is already here: it is still stored
+            # This batch's result is already here: it is still stored.
+            kill_actor_workers("LensActor")
         return real_add(self, result, index)
 
     with pytest.MonkeyPatch.context() as patch:
