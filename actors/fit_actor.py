@@ -22,14 +22,6 @@ from lens_kernel.translators import (
     whitening_stats,
 )
 
-FULL_RANK_MAX_D = 2048  # rank "auto": full d x d maps up to this width, low rank above
-
-
-def auto_rank(d_model: int) -> int | None:
-    """The tuned lens's rank when the fit asks for "auto": None (full) for d <= 2048, else
-    clip(d / 32, 64, 256) (the seed's width-scaled rank)."""
-    return None if d_model <= FULL_RANK_MAX_D else max(64, min(256, d_model // 32))
-
 
 class FitActor(LensActor):
     """A LensActor that also fits translators; Ray runs one per model."""
@@ -174,21 +166,22 @@ class FitActor(LensActor):
         return {"state": save(out), "step": step, "losses": losses,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
 
-    def evaluate(self, kind: str, rank: int | None, weights: bytes | None) -> dict[str, Any]:
-        """Mean KL(model || lens) in bits per lens layer on the held-out rows; kind "final" is
-        the final-norm logit lens (no translator); the tuned lens also reports how far each
-        layer's map moved from the identity."""
-        from safetensors.torch import load
+    def evaluate(self, kind: str, rank: int | None, state: bytes | None) -> dict[str, Any]:
+        """Mean KL(model || lens) in bits per lens layer on the held-out rows, and the weights
+        (safetensors bytes) of the fit ``state``; kind "final" is the final-norm logit lens (no
+        translator). The tuned lens also reports how far each layer's map moved from the
+        identity, the prism its orthogonality error."""
+        from safetensors.torch import load, save
 
         translator = None
+        weights = None
         if kind != "final":
             translator = self._translator(kind, rank, 0)
-            tensors = load(weights) if weights is not None else {}
-            translator.load_state_dict(
-                {k.removeprefix("lens."): v for k, v in tensors.items() if k.startswith("lens.")}
-            )
+            lens = {k: v for k, v in load(state).items() if k.startswith("lens.")} if state else {}
+            translator.load_state_dict({k.removeprefix("lens."): v for k, v in lens.items()})
+            weights = save(lens)
         kl = kl_by_layer_bits(translator, self.heldout_resid, self.final_norm, self.unembed)
-        out: dict[str, Any] = {"kind": kind, "kl_bits_by_layer": kl}
+        out: dict[str, Any] = {"kind": kind, "kl_bits_by_layer": kl, "weights": weights}
         if isinstance(translator, TunedLens):
             out["change_by_layer"] = [translator.layer_change(i) for i in range(len(kl))]
         if isinstance(translator, Prism):
@@ -196,21 +189,3 @@ class FitActor(LensActor):
             eye = torch.eye(q.shape[0], device=q.device)
             out["orthogonality_error"] = float((q @ q.T - eye).abs().max())
         return out
-
-    def shapes(self) -> dict[str, Any]:
-        """What a lens card must match to be used on this model."""
-        return {"n_lens_layers": self.n_layers + 1, "d_model": int(self.unembed.W_U.shape[0]),
-                "d_vocab": self.unembed.d_vocab}  # fmt: skip
-
-
-def weights_only(state: bytes) -> bytes:
-    """The translator's weights from a fit state (what the lens file keeps)."""
-    from safetensors.torch import load, save
-
-    return save({k: v for k, v in load(state).items() if k.startswith("lens.")})
-
-
-def state_step(state: bytes) -> int:
-    from safetensors.torch import load
-
-    return int(load(state)["step"].item())

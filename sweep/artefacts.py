@@ -463,15 +463,11 @@ def _audit_rows(prompts: pl.DataFrame, primary_id: str | None) -> pl.DataFrame:
     return prompts.filter(wanted).sort("prompt_id")
 
 
-_TOP_BY_ALSO = {"lens_artefact_score": ("lens_artefact_tier",)}  # columns the caller reads too
-
-
-def _top_by(prompts: pl.DataFrame, column: str) -> dict[str, Any] | None:
-    """The row with the largest finite ``column`` (ties: the first prompt id), or None."""
+def _top_by(prompts: pl.DataFrame, column: str, *also: str) -> dict[str, Any] | None:
+    """Of the row with the largest finite ``column`` (ties: the first prompt id), its id,
+    ``column`` and the ``also`` columns; None when no row has one."""
     value = pl.col(column).cast(pl.Float64)
-    narrow = prompts.select(
-        list(dict.fromkeys(("prompt_id", column, *_TOP_BY_ALSO.get(column, ()))))
-    )
+    narrow = prompts.select(list(dict.fromkeys(("prompt_id", column, *also))))
     finite_rows = narrow.filter(value.is_finite())
     if finite_rows.is_empty():
         return None
@@ -495,7 +491,7 @@ def audit_block(
     rows = {r["prompt_id"]: r for r in _audit_rows(prompts, primary_id).to_dicts()}
     n_layers = int(prompts["n_layers"][0]) if prompts.height else 0
     score, tier, n_scored = model_artefact_score(prompts)
-    worst = _top_by(prompts, "lens_artefact_score")
+    worst = _top_by(prompts, "lens_artefact_score", "lens_artefact_tier")
     p = rows.get(primary_id or "") if on else None
     head_kl = (_top_by(prompts, "last_kl_lens_to_head_bits") or {}).get("last_kl_lens_to_head_bits")
     top_ratio = _top_by(prompts, "max_resid_norm_ratio") or dict.fromkeys(

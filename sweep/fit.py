@@ -84,11 +84,14 @@ def read_card(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("card_version") == CARD_VERSION else None
 
 
-def resolve_rank(options: FitOptions, d_model: int) -> int | None:
-    from actors.fit_actor import auto_rank
+FULL_RANK_MAX_D = 2048  # rank "auto": full d x d maps up to this width, low rank above
 
+
+def resolve_rank(options: FitOptions, d_model: int) -> int | None:
+    """The tuned lens's rank; None is full. "auto": full for d <= 2048, else clip(d / 32, 64,
+    256) (the seed's width-scaled rank)."""
     if options.rank == "auto":
-        return auto_rank(d_model)
+        return None if d_model <= FULL_RANK_MAX_D else max(64, min(256, d_model // 32))
     if options.rank == "full":
         return None
     return min(int(options.rank), d_model)
@@ -155,14 +158,12 @@ def _fit_model(job: _Job, options: FitOptions, docs: list[str], text: dict[str, 
                                            state, until)  # fmt: skip
             state, losses = r["state"], losses + r["losses"]
             write_bytes(folder / CHECKPOINT_FILE, state)
-            write_json(folder / CHECKPOINT_CARD, {"key": key, "step": r["step"], "losses": losses})
+            write_json(folder / CHECKPOINT_CARD, {"key": key, "step": r["step"], "losses": losses,
+                                                  "sha256": _sha256(state)})  # fmt: skip
             job.bar.update(r["step"] - step)
             job.bar.set_postfix(loss=f"{losses[-1]:.3f} bits")
             step = r["step"]
-        from actors.fit_actor import weights_only
-
-        weights = weights_only(state) if state is not None else None
-        quality = yield job.actor.evaluate.remote(kind, rank if kind == "tuned" else None, weights)
+        quality = yield job.actor.evaluate.remote(kind, rank if kind == "tuned" else None, state)
         card = {
             "card_version": CARD_VERSION, "kind": kind, "key": key, "model": job.name,
             "model_identity": model_identity(job.entry), **shapes,
@@ -176,12 +177,11 @@ def _fit_model(job: _Job, options: FitOptions, docs: list[str], text: dict[str, 
             "loss_bits": losses,
             "heldout_kl_bits_by_layer": {"final": baseline["kl_bits_by_layer"],
                                          kind: quality["kl_bits_by_layer"]},
-            **{k: v for k, v in quality.items() if k not in ("kind", "kl_bits_by_layer")},
+            **{k: v for k, v in quality.items()
+               if k not in ("kind", "kl_bits_by_layer", "weights")},
             "versions": _versions(),
         }  # fmt: skip
-        if weights is None:
-            raise RuntimeError("a fit of zero steps")
-        write_bytes(folder / LENS_FILE, weights)
+        write_bytes(folder / LENS_FILE, quality["weights"])
         write_json(folder / CARD_FILE, card)  # last: a card means the lens is whole
         for name in (CHECKPOINT_FILE, CHECKPOINT_CARD):
             (folder / name).unlink(missing_ok=True)
@@ -195,18 +195,20 @@ def _mean_kl(card: dict[str, Any], kind: str) -> float:
     return sum(kl) / len(kl) if kl else 0.0
 
 
-def _checkpoint(folder: Path, key: str) -> tuple[bytes | None, dict[str, Any]]:
-    """The checkpoint a killed fit left (its state and card), if it belongs to this key."""
-    state_path, card_path = folder / CHECKPOINT_FILE, folder / CHECKPOINT_CARD
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        state = state_path.read_bytes()
-        from actors.fit_actor import state_step
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
-        if card.get("key") == key and state_step(state) == card.get("step"):
-            return state, card
-    except (OSError, ValueError, KeyError):
-        pass
+
+def _checkpoint(folder: Path, key: str) -> tuple[bytes | None, dict[str, Any]]:
+    """The checkpoint a killed fit left (its state and card), if it belongs to this key and the
+    state is the one the card (written after it) describes."""
+    try:
+        card = json.loads((folder / CHECKPOINT_CARD).read_text(encoding="utf-8"))
+        state = (folder / CHECKPOINT_FILE).read_bytes()
+    except (OSError, ValueError):
+        return None, {}
+    if isinstance(card, dict) and card.get("key") == key and card.get("sha256") == _sha256(state):
+        return state, card
     return None, {}
 
 
@@ -230,7 +232,9 @@ def run_fit(args: argparse.Namespace, manifest: Manifest, options: FitOptions) -
     from tqdm import tqdm
 
     from actors.fit_actor import FitActor
+    from actors.sources import DEFAULT_CACHE_DIR
     from sweep.cluster import connect, probe_nodes
+    from sweep.estimate import model_shape
     from sweep.execute import explain_failure, with_worker_env
     from sweep.ledger import Ledger
     from sweep.placement import ModelDemand, plan

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,11 @@ class FitOptions:
     rank: str | int = "auto"  # "auto", "full" or an int (the tuned lens; prism is d x d)
     checkpoint_every: int = 25
     seed: int | None = None  # None: the [sweep] seed
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def key_fields(self) -> dict[str, Any]:
         """What the fitted weights depend on (not where checkpoints go or how often)."""
         out = asdict(self)
-        for k in ("lenses", "checkpoint_every", "extra"):
+        for k in ("lenses", "checkpoint_every"):
             out.pop(k)
         return out
 
@@ -107,9 +106,8 @@ def load_fit_options(manifest: Path, sweep_seed: int) -> FitOptions:
         isinstance(rank, int) and rank < 1
     ):
         raise ManifestError(f'{where}: rank must be "auto", "full" or >= 1, got {rank!r}')
-    for key in ("lr",):
-        if key in table and not table[key] > 0:
-            raise ManifestError(f"{where}: {key} must be > 0, got {table[key]}")
+    if "lr" in table and not table["lr"] > 0:
+        raise ManifestError(f"{where}: lr must be > 0, got {table['lr']}")
     values = {**table, "lenses": lenses, "seed": table.get("seed", sweep_seed)}
     for key in ("lr", "weight_decay"):
         if key in values:

@@ -106,6 +106,9 @@ def test_a_fitted_lens_is_not_fitted_again(fits, capsys) -> None:
     before = (folder / CARD_FILE).stat().st_mtime_ns
     assert main([*fits["argv"], "--out", str(fits["whole"])]) == 0
     assert "already fitted (cached)" in capsys.readouterr().out
+    import ray
+
+    assert not ray.is_initialized()  # nothing to fit: no Ray was started
     assert (folder / CARD_FILE).stat().st_mtime_ns == before
 
 
@@ -195,3 +198,18 @@ def test_a_missing_model_is_one_clear_error_and_nothing_is_written(tmp_path, cap
     err = capsys.readouterr().err
     assert "local model directory not found" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_is_used_only_if_its_card_describes_its_state(tmp_path) -> None:
+    from sweep.fit import CHECKPOINT_FILE, _checkpoint, _sha256
+
+    state = b"state bytes"
+    (tmp_path / CHECKPOINT_FILE).write_bytes(state)
+    card = {"key": "k1", "step": 4, "losses": [1.0], "sha256": _sha256(state)}
+    (tmp_path / CHECKPOINT_CARD).write_text(json.dumps(card))
+    assert _checkpoint(tmp_path, "k1") == (state, card)
+    assert _checkpoint(tmp_path, "k2") == (None, {})  # another fit's
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"state bytes, cut shor")  # a write that was cut
+    assert _checkpoint(tmp_path, "k1") == (None, {})
+    (tmp_path / CHECKPOINT_CARD).write_text("{")
+    assert _checkpoint(tmp_path, "k1") == (None, {})
