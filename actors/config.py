@@ -25,7 +25,13 @@ class ActorConfig:
     devices: tuple[str, ...] = ()
     dtype: str | None = None  # None: the seed's policy for the device and family
     seed: int = DEFAULT_SEED
-    lens: str = "final"
+    lens: str = "final"  # the primary lens (a norm mode): the audit, parity and reports read it
+    # Every lens decoded, the primary first (norm modes and trained lenses, "tuned", "prism");
+    # empty: the primary alone.
+    lenses: tuple[str, ...] = ()
+    # Trained lenses' weights by kind (the bytes of their lens.safetensors): the driver owns the
+    # files and checks each lens card against the model before it sends them.
+    translator_weights: tuple[tuple[str, bytes], ...] = ()
     keep_layernorm_bias: bool = True
     top_k: int = 20
     copy_threshold: float = 0.90

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from actors.lens_actor import LensActor
+from lens_kernel import UnembedSpec
 from lens_kernel.translators import (
     FitSettings,
     Prism,
@@ -142,6 +144,7 @@ class FitActor(LensActor):
         # The tuned lens's last layer stays the identity (the seed's rule): there the target is
         # the lens itself, the gradient is zero and Adam would only turn rounding into steps.
         trained = n_layers - 1 if kind == "tuned" else n_layers
+        train_unembed = self._train_unembed(fs.precision)
         while step < until_step:
             rows, layers = step_sample(fs, step, n_rows, trained)
             resid = self.train_resid[:, rows.to(self.device)]
@@ -149,7 +152,7 @@ class FitActor(LensActor):
                 target = lens_log_probs(None, resid[-1], n_layers - 1, self.final_norm,
                                         self.unembed)  # fmt: skip
             loss = fit_step(
-                translator, optimizer, resid, target, layers, self.final_norm, self.unembed
+                translator, optimizer, resid, target, layers, self.final_norm, train_unembed
             )
             losses.append(loss)
             step += 1
@@ -165,6 +168,16 @@ class FitActor(LensActor):
         out["step"] = torch.tensor(step)
         return {"state": save(out), "step": step, "losses": losses,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
+
+    def _train_unembed(self, precision: str) -> UnembedSpec:
+        """The unembedding the training steps decode with (its bf16 copy made once)."""
+        if precision == self.unembed.precision:
+            return self.unembed
+        cached = getattr(self, "_train_unembeds", {})
+        if precision not in cached:
+            cached[precision] = replace(self.unembed, precision=precision)
+            self._train_unembeds = cached
+        return cached[precision]
 
     def evaluate(self, kind: str, rank: int | None, state: bytes | None) -> dict[str, Any]:
         """Mean KL(model || lens) in bits per lens layer on the held-out rows, and the weights

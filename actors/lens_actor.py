@@ -11,7 +11,7 @@ import platform
 import string
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,13 @@ from actors.config import WORKER_ENV, ActorConfig
 from actors.devices import peak_memory_bytes, verify_placement, weight_device_map
 from actors.errors import DeviceUnavailable, NumericOverflow, ParityError
 from actors.prompts import PromptSpec, TokenisedBatch, bos_policy, tokenise
-from actors.records import TokenTexts, records_batch, summary_batch
+from actors.records import TokenTexts, interleave_by_prompt, records_batch, summary_batch
 from actors.runtime import check_device, keep_freed_memory, set_determinism, set_threads
 from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA, SCHEMA_VERSION
 from actors.sources import architecture_of, load_config, load_hf, locate
 from lens_kernel import (
     KL_BOUND_BITS,
+    LENS_MODES,
     REL_BOUND,
     AuditRule,
     CollapseRule,
@@ -50,6 +51,13 @@ from lens_kernel import (
     parity_failures,
     parity_stats,
     temperature_topk,
+)
+from lens_kernel.audit import confirm_with_tuned
+from lens_kernel.translators import (
+    TRANSLATOR_KINDS,
+    translate_layers,
+    translator_from_state,
+    translator_shape,
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -148,12 +156,28 @@ class LensActor:
             norm_spec(b.ln2.original_component, self.facts, f"blocks.{i}.ln2")
             for i, b in enumerate(blocks)
         ]
-        plan = build_norm_plan(config.lens, self.n_layers, final, ln1, ln2, self.facts.pre_norm)
-        moved = {id(s): _to_device(s, self.device) for s in [*plan, final] if s is not None}
+        moved: dict[int, NormSpec] = {}
+
+        def plan_for(mode: str) -> list[NormSpec | None]:
+            # Shared specs stay shared, within and across plans: the kernel groups layers by
+            # spec identity.
+            plan = build_norm_plan(mode, self.n_layers, final, ln1, ln2, self.facts.pre_norm)
+            for spec in [*plan, final]:
+                if spec is not None and id(spec) not in moved:
+                    moved[id(spec)] = _to_device(spec, self.device)
+            return [None if s is None else moved[id(s)] for s in plan]
+
+        self.norm_plan = plan_for(config.lens)
         self.final_norm = moved[id(final)]
-        # Shared specs stay shared: the kernel groups layers by spec identity.
-        self.norm_plan = [None if s is None else moved[id(s)] for s in plan]
         self.norm_names = [None if s is None else s.name for s in self.norm_plan]
+        # Every lens of the sweep: a norm plan each, and a translator for a trained lens (whose
+        # translated residual is read through the final norm).
+        self.lens_names = list(dict.fromkeys([config.lens, *config.lenses]))
+        self.translators = self._load_translators(dict(config.translator_weights))
+        self.lens_plans = {
+            name: plan_for("final" if name in self.translators else name)
+            for name in self.lens_names[1:]
+        }
         unembed = self.bridge.unembed.original_component
         bias = getattr(unembed, "bias", None)
         self.unembed = UnembedSpec(
@@ -187,6 +211,35 @@ class LensActor:
         self.timings = {"load_s": time.perf_counter() - t0, "lens_s": 0.0}
         self.batches_done = 0
 
+    def _load_translators(self, weights: dict[str, bytes]) -> dict[str, torch.nn.Module]:
+        """The trained lenses asked for, built from the driver's weights and checked against
+        this model's shape."""
+        from safetensors.torch import load
+
+        out: dict[str, torch.nn.Module] = {}
+        d_model = int(self.bridge.cfg.d_model)
+        for name in self.lens_names:
+            if name not in TRANSLATOR_KINDS:
+                continue
+            if name == self.config.lens:
+                raise ValueError(
+                    f"lens = {name!r}: the primary lens must be a norm mode "
+                    f"({', '.join(LENS_MODES)}); list trained lenses in lenses"
+                )
+            if name not in weights:
+                raise ValueError(f"{self.config.name}: lens {name!r} asked for but no weights "
+                                 "were given (the driver fits or finds them: sweep.fit)")  # fmt: skip
+            translator = translator_from_state(name, load(weights[name]))
+            n_lens, d = translator_shape(translator)
+            if d != d_model or n_lens not in (None, self.n_layers + 1):
+                raise ValueError(
+                    f"{self.config.name}: the {name} lens was fitted for {n_lens} lens layers of "
+                    f"width {d}, this model has {self.n_layers + 1} of width {d_model}; refit "
+                    "it: python -m sweep.fit MANIFEST"
+                )
+            out[name] = translator.to(self.device)
+        return out
+
     # ---- one batch -------------------------------------------------------------------------
 
     def run_batch(self, prompts: list[PromptSpec]) -> BatchResult:
@@ -207,9 +260,22 @@ class LensActor:
         batch = tokenise(self.tokenizer, prompts, self.bos_id, self.pad_id, self.n_ctx)
         with torch.inference_mode():
             model_logits, resid = self._forward(batch, all_positions)
-            out = self._lens(self._lens_inputs(batch, resid, all_positions), model_logits)
+            inputs = self._lens_inputs(batch, resid, all_positions)
+            out = self._lens(inputs, model_logits)
             parity = parity_stats(model_logits, out.final_logits)
             batch_parity = self._check_parity(batch, parity)
+            outs = {self.config.lens: out}
+            for name in self.lens_names[1:]:
+                outs[name] = self._other_lens(name, inputs, out.final_logits)
+            if "tuned" in outs and out.prompt_audit is not None:
+                confirm_with_tuned(
+                    out.prompt_audit,
+                    out.collapse.L_semantic,
+                    outs["tuned"].next.answer_rank,
+                    inputs.answer_ids,
+                    AuditRule().confirm_window if self.audit_rule is None
+                    else self.audit_rule.confirm_window,
+                )  # fmt: skip
             model_stats = next_token_stats(
                 model_logits.unsqueeze(0),
                 torch.log_softmax(model_logits, dim=-1),
@@ -220,17 +286,15 @@ class LensActor:
                 self.rule.copy_margin,
             )
             temps = self._temperature(batch, model_logits)
-        records = records_batch(self.config.name, batch, out, self.texts)
-        summary = summary_batch(
-            self.config.name,
-            batch,
-            out,
-            _squeeze_rows(model_stats.rows),
-            model_stats.answer_prob[0],
-            model_stats.answer_rank[0],
-            parity.max_abs,
-            self.texts,
-        )
+        ids = [p.id for p in batch.prompts]
+        model_top = _squeeze_rows(model_stats.rows)
+        records = interleave_by_prompt(
+            [records_batch(self.config.name, batch, o, self.texts, lens=name)
+             for name, o in outs.items()], ids)  # fmt: skip
+        summary = interleave_by_prompt(
+            [summary_batch(self.config.name, batch, o, model_top, model_stats.answer_prob[0],
+                           model_stats.answer_rank[0], parity.max_abs, self.texts, lens=name)
+             for name, o in outs.items()], ids)  # fmt: skip
         residuals = self._residual_bytes(batch, resid) if self.config.keep_residuals else None
         self.timings["lens_s"] += time.perf_counter() - t0
         self.batches_done += 1
@@ -355,6 +419,30 @@ class LensActor:
             final_norm=self.final_norm,
             audit=self.audit_rule,
             head_logits=model_logits,
+        )
+
+    def _other_lens(self, name: str, inputs: LensInputs, reference: torch.Tensor) -> LensOutputs:
+        """A lens besides the primary, from the same residuals: its own norm plan, a trained
+        lens's translation first; the primary's reference (the model's output) for KL; no audit
+        (the audit is raw against the primary)."""
+        translator = self.translators.get(name)
+        if translator is not None:
+            inputs = replace(
+                inputs,
+                resid_next=translate_layers(translator, inputs.resid_next),
+                resid_all=None if inputs.resid_all is None
+                else translate_layers(translator, inputs.resid_all),
+            )  # fmt: skip
+        return lens_pass(
+            inputs,
+            self.lens_plans[name],
+            self.unembed,
+            top_k=self.config.top_k,
+            rule=self.rule,
+            keep_bias=self.config.keep_layernorm_bias,
+            chunk_bytes=self.config.chunk_bytes,
+            final_norm=self.final_norm,
+            reference_logits=reference,
         )
 
     def _echo_ids(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -497,6 +585,15 @@ class LensActor:
             },
             "positional": self.facts.positional,
             "lens": self.config.lens,
+            "lenses": self.lens_names,
+            "translators": {
+                name: {
+                    "n_lens_layers": translator_shape(t)[0],
+                    "d_model": translator_shape(t)[1],
+                    "rank": getattr(t, "rank", None),
+                }
+                for name, t in self.translators.items()
+            },
             "final_logit_softcap": self.unembed.softcap,
             "dtype": {
                 "compute": self.dtype_name,

@@ -6,11 +6,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from actors.prompts import TokenisedBatch
 from actors.schema import PROMPT_SUMMARY_SCHEMA, RECORDS_SCHEMA, artefact_tier
-from lens_kernel import AuditRule, LensOutputs, RowStats
+from lens_kernel import AuditRule, LensOutputs, PromptAudit, RowStats
 
 
 class TokenTexts:
@@ -51,9 +52,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def records_batch(
-    model: str, batch: TokenisedBatch, out: LensOutputs, texts: TokenTexts
+    model: str, batch: TokenisedBatch, out: LensOutputs, texts: TokenTexts, lens: str = "final"
 ) -> pa.RecordBatch:
-    """All decoded rows of one batch, ordered by prompt, layer, position."""
+    """All decoded rows of one batch through one lens, ordered by prompt, layer, position."""
     n_layers, n_prompts = out.next.rows.entropy_bits.shape
     # Next-token rows come from the next-token stats, [layers, B] -> prompt-major.
     nb = np.repeat(np.arange(n_prompts), n_layers)
@@ -98,6 +99,7 @@ def records_batch(
     prompt_ids = pa.array([p.id for p in batch.prompts], pa.string())
     columns = {
         "model": pa.array([model], pa.string()).take(pa.array(np.zeros(b.size, dtype=np.int64))),
+        "lens": pa.array([lens], pa.string()).take(pa.array(np.zeros(b.size, dtype=np.int64))),
         "prompt_id": prompt_ids.take(pa.array(b)),
         "layer": pa.array(lay.astype(np.int16)),
         "pos": pa.array(pos.astype(np.int32)),
@@ -182,8 +184,9 @@ def summary_batch(
     model_answer_rank: torch.Tensor,
     parity: torch.Tensor,
     texts: TokenTexts,
+    lens: str = "final",
 ) -> pa.RecordBatch:
-    """One row per prompt: collapse layers and the model's own final prediction."""
+    """One row per prompt through one lens: collapse layers and the model's own prediction."""
     n = len(batch.prompts)
     n_layers = out.next.rows.entropy_bits.shape[0] - 1
     answer_ids = _np(batch.answer_ids)
@@ -197,6 +200,7 @@ def summary_batch(
     top_ids = _np(model_top.top_ids)
     columns = {
         "model": pa.array([model] * n, pa.string()),
+        "lens": pa.array([lens] * n, pa.string()),
         "prompt_id": pa.array([p.id for p in batch.prompts], pa.string()),
         "role": pa.array([p.role for p in batch.prompts], pa.string()),
         "n_tokens": pa.array(_np(batch.lengths).astype(np.int32)),
@@ -235,6 +239,29 @@ def summary_batch(
     columns.update(_prompt_audit_columns(out, n))
     ordered = [columns[f.name] for f in PROMPT_SUMMARY_SCHEMA]
     return pa.RecordBatch.from_arrays(ordered, schema=PROMPT_SUMMARY_SCHEMA)
+
+
+def _confirmed_source(audit: PromptAudit, confirmed: np.ndarray) -> list[str | None]:
+    """Which lens confirmed each prompt's L_semantic: raw, tuned, both, or None (not confirmed)."""
+    n = confirmed.size
+    raw = _np(audit.confirmed_raw) if audit.confirmed_raw is not None else confirmed >= 0
+    tuned = _np(audit.confirmed_tuned) if audit.confirmed_tuned is not None else np.zeros(n, bool)
+    names = {(True, True): "both", (True, False): "raw", (False, True): "tuned"}
+    return [names.get((bool(r), bool(t))) for r, t in zip(raw, tuned, strict=True)]
+
+
+def interleave_by_prompt(batches: list[pa.RecordBatch], prompt_ids: list[str]) -> pa.RecordBatch:
+    """One lens's batch each (rows grouped by prompt in ``prompt_ids`` order) -> one batch whose
+    rows are grouped by prompt, a prompt's lenses in the order given: a prompt's rows stay
+    together, as the driver's assembly by prompt expects."""
+    table = pa.Table.from_batches(batches)
+    if len(batches) == 1 or table.num_rows == 0:
+        return (
+            batches[0] if len(batches) == 1 else pa.RecordBatch.from_pylist([], batches[0].schema)
+        )
+    rank = pc.index_in(table.column("prompt_id"), value_set=pa.array(prompt_ids, pa.string()))
+    order = np.argsort(rank.to_numpy(zero_copy_only=False), kind="stable")
+    return table.take(pa.array(order)).combine_chunks().to_batches()[0]
 
 
 def _prompt_audit_columns(out: LensOutputs, n: int) -> dict[str, pa.Array]:
@@ -279,7 +306,7 @@ def _prompt_audit_columns(out: LensOutputs, n: int) -> dict[str, pa.Array]:
     cols["L_semantic_strong"] = layers(pa_.L_semantic_strong)
     cols["L_semantic_raw"] = layers(pa_.L_semantic_raw)
     cols["L_semantic_confirmed"] = layers(confirmed)
-    cols["confirmed_source"] = pa.array(["raw" if c >= 0 else None for c in confirmed], pa.string())
+    cols["confirmed_source"] = pa.array(_confirmed_source(pa_, confirmed), pa.string())
     for s, m, st in zip(
         rule.gate_scales, pa_.L_semantic_margin_scaled, pa_.L_semantic_strong_scaled, strict=True
     ):

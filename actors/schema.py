@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _META = {b"lens_sweep.schema_version": str(SCHEMA_VERSION).encode()}
 
-# One row per (prompt, layer, position) decoded by the lens.
+# One row per (prompt, lens, layer, position) decoded; a prompt's rows are together, its lenses
+# in the sweep's order (the primary lens first).
 RECORDS_SCHEMA = pa.schema(
     [
         pa.field("model", pa.string(), nullable=False),  # artefact name of the model
+        # final, next_ln1, raw (norm modes) or tuned, prism (trained translators)
+        pa.field("lens", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),  # manifest prompt id
         pa.field("layer", pa.int16(), nullable=False),  # 0 = input to block 0, i = after block i-1
         pa.field("pos", pa.int32(), nullable=False),  # token position, 0-based, BOS included
@@ -78,10 +81,12 @@ RECORDS_SCHEMA = pa.schema(
     metadata=_META,
 )
 
-# One row per prompt: its tokenisation, collapse layers and the model's own final prediction.
+# One row per prompt and lens: its tokenisation, collapse layers and the model's own final
+# prediction (the same for every lens); the audit's fields on the primary lens's row only.
 PROMPT_SUMMARY_SCHEMA = pa.schema(
     [
         pa.field("model", pa.string(), nullable=False),
+        pa.field("lens", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),
         pa.field("role", pa.string(), nullable=False),  # primary, test, control or ablation
         pa.field("reference", pa.string()),  # prompt a control or ablation is read against
@@ -128,8 +133,8 @@ PROMPT_SUMMARY_SCHEMA = pa.schema(
         pa.field("L_semantic_margin", pa.int16()),  # semantic_margin_ok
         pa.field("L_semantic_strong", pa.int16()),  # semantic_strong
         pa.field("L_semantic_raw", pa.int16()),  # answer_rank_raw == 1
-        pa.field("L_semantic_confirmed", pa.int16()),  # L_semantic, if raw rank 1 within +-2
-        pa.field("confirmed_source", pa.string()),  # "raw" or null (tuned lens: not yet)
+        pa.field("L_semantic_confirmed", pa.int16()),  # L_semantic, if raw/tuned rank 1 within +-2
+        pa.field("confirmed_source", pa.string()),  # "raw", "tuned", "both" or null
         pa.field("L_semantic_margin@x0.9", pa.int16()),  # the gates with logits scaled by 0.9
         pa.field("L_semantic_margin@x1.1", pa.int16()),
         pa.field("L_semantic_strong@x0.9", pa.int16()),

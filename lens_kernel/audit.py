@@ -107,6 +107,10 @@ class PromptAudit:
     lens_artefact_score: torch.Tensor  # in [0, 1]
     n_nonfinite_layers: torch.Tensor
     max_resid_norm_ratio: torch.Tensor
+    # Which lens backed L_semantic within +-window layers (bool [B]); tuned: None until a tuned
+    # lens was decoded in the same pass (confirm_with_tuned).
+    confirmed_raw: torch.Tensor | None = None
+    confirmed_tuned: torch.Tensor | None = None
 
 
 def unique_ids(ids: torch.Tensor) -> torch.Tensor:
@@ -393,7 +397,7 @@ def prompt_audit(
     [B, T] the distinct copyable ids (strict copy, geometry);
     normed_next / resid_next [layers, B, d] the normalised and raw next-token residuals.
     """
-    n_layers, batch = answer_rank.shape
+    batch = answer_rank.shape[1]
     vocab = W_U.shape[1]
     top1, p1, p2 = top_ids[..., 0], top_probs[..., 0], top_probs[..., 1]
     has_answer = (answer_ids >= 0).view(1, batch)
@@ -443,10 +447,8 @@ def prompt_audit(
     strong_scaled_t = torch.stack(strong_scaled)
     stable = (margin_scaled_t == l_margin).all(dim=0) & (strong_scaled_t == l_strong).all(dim=0)
 
-    # L_semantic confirmed by the raw lens within +-window layers.
-    layer = torch.arange(n_layers, device=answer_rank.device).unsqueeze(1)
-    near = (layer - l_semantic.unsqueeze(0)).abs() <= rule.confirm_window
-    confirmed = (l_semantic >= 0) & (raw_rank1 & near).any(dim=0)
+    # L_semantic confirmed by the raw lens within +-window layers (and later by a tuned lens).
+    confirmed = confirmed_by(l_semantic, raw_rank1, rule.confirm_window)
     l_confirmed = torch.where(confirmed, l_semantic, torch.full_like(l_semantic, -1))
 
     kl_nr = rows.kl_norm_raw_bits
@@ -485,6 +487,34 @@ def prompt_audit(
         lens_artefact_score=artefact_score(frac_ge_1, norm_only_any, max_kl, js_p50, l1_p50),
         n_nonfinite_layers=rows.nonfinite.sum(dim=0),
         max_resid_norm_ratio=torch.nan_to_num(rows.resid_norm_ratio, nan=-math.inf).amax(dim=0),
+        confirmed_raw=confirmed,
+    )
+
+
+def confirmed_by(l_semantic: torch.Tensor, rank1: torch.Tensor, window: int) -> torch.Tensor:
+    """bool [B]: another lens has the answer at rank 1 ([layers, B]) within +-window layers of
+    L_semantic ([B], -1 for never)."""
+    layer = torch.arange(rank1.shape[0], device=rank1.device).unsqueeze(1)
+    near = (layer - l_semantic.unsqueeze(0)).abs() <= window
+    return (l_semantic >= 0) & (rank1 & near).any(dim=0)
+
+
+def confirm_with_tuned(
+    audit: PromptAudit,
+    l_semantic: torch.Tensor,
+    tuned_answer_rank: torch.Tensor,
+    answer_ids: torch.Tensor,
+    window: int,
+) -> None:
+    """Adds the tuned lens as a second confirming lens (the seed's rule): L_semantic_confirmed
+    is L_semantic when the raw or the tuned lens ([layers, B] answer ranks) has the answer at
+    rank 1 within +-window layers of it."""
+    rank1 = (tuned_answer_rank == 1) & (answer_ids >= 0).view(1, -1)
+    tuned = confirmed_by(l_semantic, rank1, window)
+    raw = audit.confirmed_raw if audit.confirmed_raw is not None else torch.zeros_like(tuned)
+    audit.confirmed_tuned = tuned
+    audit.L_semantic_confirmed = torch.where(
+        raw | tuned, l_semantic, torch.full_like(l_semantic, -1)
     )
 
 

@@ -141,6 +141,7 @@ def lens_pass(
     final_norm: NormSpec | object | None = _PLAN_LAST,
     audit: AuditRule | None = None,
     head_logits: torch.Tensor | None = None,
+    reference_logits: torch.Tensor | None = None,
 ) -> LensOutputs:
     """Decode every requested row of a batch and compute all lens metrics.
 
@@ -149,7 +150,9 @@ def lens_pass(
     lens mode: last layer -> final norm (bias kept) -> unembed. Default: the plan's last norm.
     ``audit``: also run the lens-artefact audit on the next-token rows (lens_kernel.audit);
     ``head_logits`` [B, V] are the model head's own logits for its last-layer consistency
-    check (default: ``final_logits``).
+    check (default: ``final_logits``). ``reference_logits`` [B, V]: the reference already
+    computed (another lens of the same batch; a translated batch cannot make its own, since its
+    last layer is no longer the model's residual).
     """
     rule = rule or CollapseRule()
     if audit is not None and top_k < 2:
@@ -169,7 +172,9 @@ def lens_pass(
     per_chunk = _rows_per_chunk(vocab, chunk_bytes) // (2 if audit else 1)
     per_chunk = max(1, per_chunk // n_rows_layers)
     sub = max(1, min(n_rows_layers, CACHE_BYTES // (4 * vocab)))
-    if isinstance(final_norm, NormSpec) or final_norm is None:
+    if reference_logits is not None:
+        final_logits = reference_logits
+    elif isinstance(final_norm, NormSpec) or final_norm is None:
         final_logits = unembed.reference(
             apply_norm(inputs.resid_next[-1], final_norm, keep_bias=True)
         )

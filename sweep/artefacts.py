@@ -188,16 +188,23 @@ class ModelArtefacts:
             link_residuals(parts, self._residuals_tmp)
             shutil.rmtree(self.paths["residuals_dir"], ignore_errors=True)
             self._residuals_tmp.replace(self.paths["residuals_dir"])
-        write_seed_csvs(self.paths, self.diagnostics.get("top_k", 20))
-        prompts = pl.read_parquet(self.paths["prompts_parquet"])
+        lenses = decoded_lenses(self.diagnostics)
+        write_seed_csvs(self.paths, self.diagnostics.get("top_k", 20), lenses)
+        every_lens = pl.read_parquet(self.paths["prompts_parquet"])
+        prompts = every_lens.filter(pl.col("lens") == lenses[0])
         controls = prompts.filter(pl.col("role") == "control")["prompt_id"].to_list()
         margins = (
             pl.scan_parquet(self.paths["records_parquet"])
-            .filter(pl.col("is_next_token") & pl.col("prompt_id").is_in(controls))
+            .filter(
+                pl.col("is_next_token")
+                & (pl.col("lens") == lenses[0])
+                & pl.col("prompt_id").is_in(controls)
+            )
             .select("prompt_id", "layer", "control_margin")
             .collect()
         )
         info = model_json(self.name, self.diagnostics, prompts, context, margins)
+        info["lenses"] = lens_block(every_lens, self.paths["records_parquet"], lenses)
         write_json(self.paths["json"], info)
         self.parts.remove()
         return {k: p.name for k, p in self.paths.items() if p.exists()}
@@ -223,20 +230,67 @@ def _seed_columns(top_k: int) -> list[pl.Expr]:
     return cols
 
 
-def write_seed_csvs(paths: dict[str, Path], top_k: int) -> None:
+def decoded_lenses(diagnostics: dict[str, Any]) -> list[str]:
+    """The lenses a model was decoded with, the primary first (runs before trained lenses
+    decoded the primary alone)."""
+    return list(diagnostics.get("lenses") or [diagnostics.get("lens", "final")])
+
+
+def lens_block(prompts: pl.DataFrame, records_path: Path, lenses: list[str]) -> dict[str, Any]:
+    """output-<model>.json's "lenses": per lens, the next-token KL to the model's output by
+    layer (mean over prompts) and its mean over layers 0..L-1 (at L the final-norm lens is the
+    model's head), and the primary prompt's and every prompt's L_copy / L_semantic."""
+    kl = (
+        pl.scan_parquet(records_path)
+        .filter(pl.col("is_next_token"))
+        .group_by("lens", "layer")
+        .agg(pl.col("kl_to_final_bits").mean())
+        .sort("lens", "layer")
+        .collect()
+    )
+    primary_id = _primary_id(prompts.filter(pl.col("lens") == lenses[0]))
+    out: dict[str, Any] = {"primary": lenses[0], "decoded": lenses, "by_lens": {}}
+    for lens in lenses:
+        by_layer = kl.filter(pl.col("lens") == lens)["kl_to_final_bits"].to_list()
+        mine = prompts.filter(pl.col("lens") == lens)
+        primary = mine.filter(pl.col("prompt_id") == primary_id)
+        reached = mine["L_semantic"].drop_nulls()
+        below_last = by_layer[:-1]
+        out["by_lens"][lens] = {
+            "kl_to_final_bits_by_layer": [finite(v) for v in by_layer],
+            "mean_kl_to_final_bits": finite(sum(below_last) / len(below_last))
+            if below_last
+            else None,
+            "primary_L_copy": primary["L_copy"][0] if primary.height else None,
+            "primary_L_semantic": primary["L_semantic"][0] if primary.height else None,
+            "n_prompts": mine.height,
+            "frac_prompts_L_semantic": reached.len() / mine.height if mine.height else None,
+            "median_L_semantic": finite(reached.median()) if reached.len() else None,
+        }
+    return out
+
+
+def write_seed_csvs(paths: dict[str, Path], top_k: int, lenses: list[str] | None = None) -> None:
     """The seed's two CSVs for the primary prompt, so existing readers keep working.
 
     records:          layer,pos,token,entropy,top1,prob1,...,topK,probK,rest_mass (every position)
     pure next-token:  the same at the next-token position, then copy_collapse,entropy_collapse,
                       is_answer, and (added, at the end) p_answer,answer_rank,kl_to_final_bits,
                       then the audit's columns in RECORDS_SCHEMA order (empty with audit off).
+    Both end with ``lens``: one block of rows per lens decoded, the primary first (``lenses``,
+    default: the primary alone).
     Entropy is in bits. New columns only ever go at the end, so readers by position still work.
     """
-    prompts = pl.read_parquet(paths["prompts_parquet"], columns=["prompt_id", "role"])
-    primary = _primary_id(prompts)
+    prompts = pl.read_parquet(paths["prompts_parquet"], columns=["prompt_id", "role", "lens"])
+    if not lenses:
+        lenses = [prompts["lens"][0]] if prompts.height else ["final"]
+    primary = _primary_id(prompts.filter(pl.col("lens") == lenses[0]))
+    rank = {name: i for i, name in enumerate(lenses)}
     records = pl.scan_parquet(paths["records_parquet"]).filter(pl.col("prompt_id") == primary)
-    records = records.sort(["layer", "pos"])
-    all_rows = records.select(_seed_columns(top_k)).collect()
+    records = records.with_columns(
+        pl.col("lens").replace_strict(rank, default=len(rank), return_dtype=pl.Int32).alias("_r")
+    ).sort(["_r", "layer", "pos"])
+    all_rows = records.select([*_seed_columns(top_k), pl.col("lens")]).collect()
     write_atomic(paths["records_csv"], all_rows.write_csv)
     flags = [
         pl.col("copy_collapse"),
@@ -247,7 +301,11 @@ def write_seed_csvs(paths: dict[str, Path], top_k: int) -> None:
         pl.col("kl_to_final_bits"),
         *(pl.col(c) for c in AUDIT_RECORD_COLUMNS),
     ]
-    pure = records.filter(pl.col("is_next_token")).select([*_seed_columns(top_k), *flags]).collect()
+    pure = (
+        records.filter(pl.col("is_next_token"))
+        .select([*_seed_columns(top_k), *flags, pl.col("lens")])
+        .collect()
+    )
     write_atomic(paths["pure_next_token_csv"], pure.write_csv)
 
 

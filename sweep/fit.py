@@ -138,7 +138,8 @@ def _fit_model(job: _Job, options: FitOptions, docs: list[str], text: dict[str, 
     rank = resolve_rank(options, info["d_model"])
     baseline = yield job.actor.evaluate.remote("final", None, None)
     settings = {k: getattr(options, k) for k in
-                ("steps", "lr", "batch_rows", "layers_per_step", "weight_decay")}  # fmt: skip
+                ("steps", "lr", "batch_rows", "layers_per_step", "weight_decay",
+                 "precision")}  # fmt: skip
     settings["seed"] = options.seed
     for kind in job.kinds:
         key = lens_key(job.entry, kind, options, text["sha256"])
@@ -227,18 +228,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_fit(args: argparse.Namespace, manifest: Manifest, options: FitOptions) -> int:
-    import ray
-    from tqdm import tqdm
+def missing_lenses(entries: list[ModelEntry], kinds: tuple[str, ...], options: FitOptions,
+                   text_sha256: str, out: Path) -> dict[str, list[str]]:  # fmt: skip
+    """The trained lenses each model still lacks (no whole lens under ``out`` for its key)."""
+    todo: dict[str, list[str]] = {}
+    for entry in entries:
+        lacking = [k for k in kinds
+                   if read_card(lens_dir(out, entry.name, k,
+                                         lens_key(entry, k, options, text_sha256))) is None]  # fmt: skip
+        if lacking:
+            todo[entry.name] = lacking
+    return todo
 
-    from actors.fit_actor import FitActor
-    from actors.sources import DEFAULT_CACHE_DIR
-    from sweep.cluster import connect, probe_nodes
-    from sweep.estimate import model_shape
-    from sweep.execute import explain_failure, with_worker_env
-    from sweep.ledger import Ledger
-    from sweep.placement import ModelDemand, plan
-    from sweep.run import _actor_config, _demands
+
+def run_fit(args: argparse.Namespace, manifest: Manifest, options: FitOptions) -> int:
+    from sweep.cluster import connect
 
     entries = [m for m in manifest.models if not args.models or m.name in args.models]
     unknown = sorted(set(args.models or ()) - {m.name for m in manifest.models})
@@ -246,54 +250,82 @@ def run_fit(args: argparse.Namespace, manifest: Manifest, options: FitOptions) -
         print(f"error: no such model(s) in the manifest: {', '.join(unknown)}", file=sys.stderr)
         return 2
     docs, text = read_documents(options, manifest.path.parent)
-    todo: list[_Job] = []
+    todo = missing_lenses(entries, options.lenses, options, text["sha256"], args.out)
     for entry in entries:
-        kinds = [k for k in options.lenses
-                 if read_card(lens_dir(args.out, entry.name,
-                                       k, lens_key(entry, k, options, text["sha256"]))) is None]  # fmt: skip
-        if kinds:
-            todo.append(_Job(entry.name, entry, kinds))
-        else:
+        if entry.name not in todo:
             print(f"{entry.name}: {', '.join(options.lenses)} already fitted (cached)")
     if not todo:
         return 0
     connect(args.address, args.num_cpus)
     try:
-        fit_root = args.out / "lenses"
-        fit_root.mkdir(parents=True, exist_ok=True)
-        # The planner records each model's shape (or why it could not be read) in a ledger.
-        ledger = Ledger.create(fit_root / ".last-fit", str(manifest.path))
-        nodes = probe_nodes()
-        demands = []
-        from actors.sources import DEFAULT_CACHE_DIR
-        from sweep.estimate import model_shape
+        failed = fit_models(manifest, options, todo, docs, text, args.out, args.no_progress)
+        for name, why in failed.items():
+            print(f"{name}: fit failed: {why}. Rerun the same command: finished lenses are "
+                  "kept and an interrupted fit resumes from its last checkpoint", file=sys.stderr)  # fmt: skip
+        return 1 if failed else 0
+    finally:
+        import ray
 
-        for d in _demands(manifest, [j.name for j in todo], ledger,
-                          max((len(n.gpu_free_bytes) for n in nodes), default=1)):  # fmt: skip
-            shape = model_shape(next(j.entry for j in todo if j.name == d.name).source,
+        ray.shutdown()
+
+
+def fit_models(manifest: Manifest, options: FitOptions, todo: dict[str, list[str]],
+               docs: list[str], text: dict[str, Any], out: Path,
+               no_progress: bool = False) -> dict[str, str]:  # fmt: skip
+    """Fit the lenses ``todo`` names (model -> kinds) on a connected Ray, one actor per model,
+    in parallel; prints each lens's held-out quality. Returns why each failed model failed.
+    The actors are gone when this returns (a sweep places its own next)."""
+    import ray
+    from tqdm import tqdm
+
+    from actors.fit_actor import FitActor
+    from actors.sources import DEFAULT_CACHE_DIR
+    from sweep.cluster import probe_nodes
+    from sweep.estimate import EstimateError, model_shape
+    from sweep.execute import explain_failure, with_worker_env
+    from sweep.ledger import Ledger
+    from sweep.placement import ModelDemand, plan
+    from sweep.run import _actor_config, _demands
+
+    jobs = [_Job(m.name, m, todo[m.name]) for m in manifest.models if m.name in todo]
+    fit_root = out / "lenses"
+    fit_root.mkdir(parents=True, exist_ok=True)
+    # The planner records each model's shape (or why it could not be read) in a ledger.
+    ledger = Ledger.create(fit_root / ".last-fit", str(manifest.path))
+    nodes = probe_nodes()
+    demands = []
+    for d in _demands(manifest, [j.name for j in jobs], ledger,
+                      max((len(n.gpu_free_bytes) for n in nodes), default=1)):  # fmt: skip
+        try:
+            shape = model_shape(next(j.entry for j in jobs if j.name == d.name).source,
                                 DEFAULT_CACHE_DIR)  # fmt: skip
-            extra = fit_extra_bytes(options, shape.n_layers, shape.d_model, shape.d_vocab)
-            demands.append(ModelDemand(d.name, {k: v + extra for k, v in d.est_bytes.items()},
-                                       d.dtype, d.device))  # fmt: skip
-        placements = {p.name: p for p in plan(demands, nodes)}
-        failed: dict[str, str] = {}
-        running: dict[Any, tuple[_Job, Generator[Any, Any, None]]] = {}
-        for position, job in enumerate(todo):
+        except EstimateError:  # _demands read it a moment ago; a vanished file fails below
+            continue
+        extra = fit_extra_bytes(options, shape.n_layers, shape.d_model, shape.d_vocab)
+        demands.append(ModelDemand(d.name, {k: v + extra for k, v in d.est_bytes.items()},
+                                   d.dtype, d.device))  # fmt: skip
+    placements = {p.name: p for p in plan(demands, nodes)}
+    failed: dict[str, str] = {}
+    running: dict[Any, tuple[_Job, Generator[Any, Any, None]]] = {}
+    try:
+        for position, job in enumerate(jobs):
             p = placements.get(job.name)
             if p is None or p.status == "skipped_no_fit":
                 failed[job.name] = (
-                    p.reason if p is not None else ledger.models.get(job.name, {}).get("error", "")
-                )
+                    p.reason if p is not None
+                    else ledger.models.get(job.name, {}).get("error", "its shape is unknown")
+                )  # fmt: skip
                 continue
             config = replace(_actor_config(manifest, job.name), device=p.device,
                              devices=p.devices, torch_threads=p.torch_threads,
-                             simulate_missing_device=p.simulated)  # fmt: skip
+                             simulate_missing_device=p.simulated, lenses=(),
+                             translator_weights=())  # fmt: skip
             job.actor = (
                 ray.remote(FitActor).options(**with_worker_env(p.ray_options())).remote(config)
             )
             job.bar = tqdm(total=options.steps, desc=job.name, position=position,
-                           disable=args.no_progress, leave=True)  # fmt: skip
-            flow = _fit_model(job, options, docs, text, args.out)
+                           disable=no_progress, leave=True)  # fmt: skip
+            flow = _fit_model(job, options, docs, text, out)
             running[next(flow)] = (job, flow)
         while running:
             ready, _ = ray.wait(list(running), num_returns=1)
@@ -306,18 +338,38 @@ def run_fit(args: argparse.Namespace, manifest: Manifest, options: FitOptions) -
             except Exception as exc:  # an actor's error, its death, out of memory: that model
                 failed[job.name] = explain_failure(exc)
                 job.bar.close()
-        for job in todo:
-            for kind, r in job.result.items():
-                cut = r["final_mean_kl_bits"] / r["mean_kl_bits"] if r["mean_kl_bits"] else 0.0
-                print(f"{job.name} {kind}: held-out mean KL {r['mean_kl_bits']:.3f} bits "
-                      f"(final-norm lens {r['final_mean_kl_bits']:.3f}, {cut:.1f}x lower) -> "
-                      f"{r['folder']}")  # fmt: skip
-        for name, why in failed.items():
-            print(f"{name}: fit failed: {why}. Rerun the same command: finished lenses are "
-                  "kept and an interrupted fit resumes from its last checkpoint", file=sys.stderr)  # fmt: skip
-        return 1 if failed else 0
     finally:
-        ray.shutdown()
+        for job in jobs:
+            if job.actor is not None:
+                ray.kill(job.actor)
+    for job in jobs:
+        for kind, r in job.result.items():
+            cut = r["final_mean_kl_bits"] / r["mean_kl_bits"] if r["mean_kl_bits"] else 0.0
+            print(f"{job.name} {kind}: held-out mean KL {r['mean_kl_bits']:.3f} bits "
+                  f"(final-norm lens {r['final_mean_kl_bits']:.3f}, {cut:.1f}x lower) -> "
+                  f"{r['folder']}")  # fmt: skip
+    return failed
+
+
+def load_lens(out: Path, entry: ModelEntry, kind: str, options: FitOptions, text_sha256: str,
+              shapes: dict[str, int]) -> tuple[bytes, dict[str, Any]]:  # fmt: skip
+    """A fitted lens's weights and what a run records of it, after its card is checked against
+    the model (identity and shape); LensCardError if it does not belong, FileNotFoundError if
+    it is not there."""
+    key = lens_key(entry, kind, options, text_sha256)
+    folder = lens_dir(out, entry.name, kind, key)
+    card = read_card(folder)
+    if card is None:
+        raise FileNotFoundError(f"no fitted {kind} lens at {folder}; fit it: python -m sweep.fit")
+    check_card(card, entry.name, model_identity(entry), shapes)
+    weights = (folder / LENS_FILE).read_bytes()
+    return weights, {
+        "kind": kind, "key": key, "folder": str(folder), "weights_sha256": _sha256(weights),
+        "steps": card.get("steps"), "rank": card.get("rank"),
+        "heldout_mean_kl_bits": _mean_kl(card, kind),
+        "final_lens_heldout_mean_kl_bits": _mean_kl(card, "final"),
+        "text": card.get("text", {}).get("text"),
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

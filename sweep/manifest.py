@@ -38,6 +38,8 @@ from sweep.prompt_sets import (
 )
 
 LENS_MODES = ("final", "next_ln1", "raw")
+# lens_kernel.translators.TRANSLATOR_KINDS, spelled here so a head node needs no torch.
+TRAINED_LENSES = ("tuned", "prism")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cuda", "mps", "cpu")
 # lens_kernel.unembed.PRECISIONS, repeated here: the head node plans without torch.
@@ -57,7 +59,10 @@ class SweepOptions:
     """The [sweep] table. Lens defaults are ActorConfig's (one place); the rest live here."""
 
     name: str = "sweep"
-    lens: str = _LENS_DEFAULTS["lens"]
+    lens: str = _LENS_DEFAULTS["lens"]  # the primary lens, a norm mode
+    # Every lens to decode (norm modes and trained lenses), the primary first whether listed or
+    # not; empty: the primary alone. Trained lenses are fitted by sweep.fit ([fit]) if missing.
+    lenses: tuple[str, ...] = ()
     seed: int = _LENS_DEFAULTS["seed"]
     top_k: int = _LENS_DEFAULTS["top_k"]
     copy_threshold: float = _LENS_DEFAULTS["copy_threshold"]
@@ -71,6 +76,15 @@ class SweepOptions:
     audit: bool = _LENS_DEFAULTS["audit"]
     unembed_precision: str = _LENS_DEFAULTS["unembed_precision"]
     max_seq_len: int = 256  # for memory estimates only; prompts are never cut
+
+    @property
+    def decoded_lenses(self) -> tuple[str, ...]:
+        """Every lens decoded, the primary first."""
+        return tuple(dict.fromkeys([self.lens, *self.lenses]))
+
+    @property
+    def trained_lenses(self) -> tuple[str, ...]:
+        return tuple(x for x in self.decoded_lenses if x in TRAINED_LENSES)
 
 
 @dataclass(frozen=True)
@@ -267,6 +281,9 @@ def _parse_sweep(path: Path, table: Any, base: dict[str, Any]) -> dict[str, Any]
             value = float(_typed(path, where, value, (int, float), "a number"))
         elif key in ("prepend_bos", "keep_layernorm_bias", "keep_residuals", "audit"):
             _typed(path, where, value, bool, "true or false")
+        elif key == "lenses":
+            _typed(path, where, value, list, "a list of lens names")
+            value = tuple(_typed(path, where, x, str, "a list of lens names") for x in value)
         elif key == "temperatures":
             _typed(path, where, value, list, "a list of numbers")
             value = tuple(float(_typed(path, where, t, (int, float), "a number")) for t in value)
@@ -278,7 +295,18 @@ def _check_options(path: Path, o: SweepOptions) -> None:
     t_lo, t_hi = TEMPERATURE_RANGE
     # Comparisons with nan are false, so the range checks below also refuse nan.
     checks = [
-        ("lens", o.lens in LENS_MODES, f"must be one of {', '.join(LENS_MODES)}"),
+        (
+            "lens",
+            o.lens in LENS_MODES,
+            f"must be one of {', '.join(LENS_MODES)} (the primary "
+            "lens; trained lenses go in lenses)",
+        ),
+        (
+            "lenses",
+            all(x in (*LENS_MODES, *TRAINED_LENSES) for x in o.lenses)
+            and len(set(o.lenses)) == len(o.lenses),
+            f"must be distinct names out of {', '.join((*LENS_MODES, *TRAINED_LENSES))}",
+        ),
         (
             "unembed_precision",
             o.unembed_precision in UNEMBED_PRECISIONS,

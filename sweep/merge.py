@@ -8,7 +8,12 @@ from typing import Any
 
 import polars as pl
 
-from sweep.artefacts import AUDIT_PROMPT_FIELDS, artefact_paths, model_artefact_score
+from sweep.artefacts import (
+    AUDIT_PROMPT_FIELDS,
+    artefact_paths,
+    decoded_lenses,
+    model_artefact_score,
+)
 from sweep.files import write_atomic
 from sweep.stats import STATS_SCHEMA, prompt_statistics, stats_seed
 
@@ -44,11 +49,12 @@ def _ledger_frame(models: dict[str, dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
-def _model_seed(run_dir: Path, name: str) -> int:
-    """The seed the model's JSON records (its statistics block was bootstrapped with it)."""
+def _model_diagnostics(run_dir: Path, name: str) -> dict[str, Any]:
+    """The diagnostics the model's JSON records: its seed (its statistics block was bootstrapped
+    with it) and its lenses (the primary first)."""
     path = artefact_paths(run_dir, name)["json"]
     info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return stats_seed(info.get("diagnostics") or {})
+    return info.get("diagnostics") or {}
 
 
 def merge_run(run_dir: Path, models: dict[str, dict[str, Any]]) -> dict[str, Path]:
@@ -62,13 +68,18 @@ def merge_run(run_dir: Path, models: dict[str, dict[str, Any]]) -> dict[str, Pat
     always lists every model of the manifest.
     """
     frames, scores, stats = [], [], [pl.DataFrame(schema=STATS_SCHEMA)]
+    primary_lens: dict[str, str] = {}
     for name, entry in sorted(models.items()):
         path = artefact_paths(run_dir, name)["prompts_parquet"]
         if entry.get("status") == "ok" and path.is_file():
-            frames.append(pl.read_parquet(path))
-            score, tier, n = model_artefact_score(frames[-1])
+            diagnostics = _model_diagnostics(run_dir, name)
+            every_lens = pl.read_parquet(path)
+            frames.append(every_lens)
+            primary_lens[name] = decoded_lenses(diagnostics)[0]
+            mine = every_lens.filter(pl.col("lens") == primary_lens[name])
+            score, tier, n = model_artefact_score(mine)
             scores.append((name, score, tier, n))
-            stats.append(prompt_statistics(frames[-1], _model_seed(run_dir, name)))
+            stats.append(prompt_statistics(mine, stats_seed(diagnostics)))
     ledger = _ledger_frame(models)
     written: dict[str, Path] = {}
     statistics = pl.concat(stats)
@@ -78,10 +89,18 @@ def merge_run(run_dir: Path, models: dict[str, dict[str, Any]]) -> dict[str, Pat
         prompts = pl.concat(frames).with_columns(
             (pl.col(c).cast(pl.Float64) / pl.col("n_layers")).alias(f"{c}_rel") for c in REL_LAYERS
         )
-        prompts = prompts.sort(["model", "prompt_id"])
+        prompts = prompts.sort(["model", "prompt_id"], maintain_order=True)
         written[PROMPTS_STEM] = run_dir / f"{PROMPTS_STEM}.parquet"
         write_atomic(written[PROMPTS_STEM], prompts.write_parquet)
-        primary = prompts.filter(pl.col("role") == "primary").select(
+        # The primary prompt's row of each model's primary lens; the other lenses' L_semantic
+        # beside it, as L_semantic@<lens>.
+        is_primary_lens = pl.col("lens") == pl.col("model").replace_strict(primary_lens)
+        others = (
+            prompts.filter((pl.col("role") == "primary") & ~is_primary_lens)
+            .select("model", pl.format("L_semantic@{}", pl.col("lens")).alias("key"), "L_semantic")
+            .pivot(on="key", index="model", values="L_semantic")
+        )
+        primary = prompts.filter((pl.col("role") == "primary") & is_primary_lens).select(
             "model",
             "prompt_id",
             "n_layers",
@@ -111,6 +130,8 @@ def merge_run(run_dir: Path, models: dict[str, dict[str, Any]]) -> dict[str, Pat
         summary = ledger.join(primary, on="model", how="left").join(
             model_scores, on="model", how="left"
         )
+        if others.width > 1:
+            summary = summary.join(others, on="model", how="left")
     else:
         summary = ledger
     summary = summary.sort("model")

@@ -20,11 +20,12 @@ from sweep.reports.bundles import (
 from sweep.reports.cross_report import cross_report, curves
 from sweep.reports.data import load_run
 from sweep.reports.llm import ChatEndpoint, LLMError
-from sweep.reports.model_report import RAW_VS_NORM, model_report
+from sweep.reports.model_report import LENS_KL, RAW_VS_NORM, model_report
 from sweep.reports.plots import (
     plot_cross_model,
     plot_depth_distributions,
     plot_entropy_answer,
+    plot_lens_kl,
     plot_raw_vs_norm,
     plot_top1_heatmap,
 )
@@ -47,6 +48,8 @@ def build_reports(run_dir: Path, llm: ChatEndpoint | None = None) -> dict[str, P
             ),
             RAW_VS_NORM: plot_raw_vs_norm(m, pure, run_dir / f"plot-{name}-raw-vs-norm.png"),
         }
+        if len(m.lenses) > 1:
+            plots[LENS_KL] = plot_lens_kl(m, run_dir / f"plot-{name}-lenses.png")
         written.update({p.name: p for p in plots.values()})
         reports[name] = model_report(m, run, plots)
         written[f"evaluation-{name}.md"] = write_text(

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import os
 import shlex
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,49 @@ from sweep.estimate import (
     model_shape,
 )
 from sweep.files import write_json
+from sweep.fit import LensCardError, lens_key, load_lens
+from sweep.fit_options import FitOptions, load_fit_options, read_documents
 from sweep.ledger import Ledger
 from sweep.lock import RunLock
-from sweep.manifest import Manifest, load_manifest
+from sweep.manifest import Manifest, ModelEntry, load_manifest
 from sweep.placement import DEFAULT_DTYPE, DEVICE_ORDER, ModelDemand, Placement, plan
 from sweep.provenance import provenance
 
 LATEST = "run-latest"
+
+
+@dataclass(frozen=True)
+class TrainedLensSource:
+    """How the manifest's trained lenses are (or were) fitted: [fit] and its text."""
+
+    options: FitOptions
+    docs: list[str]
+    text: dict[str, Any]
+
+    def keys(self, entry: ModelEntry, kinds: tuple[str, ...]) -> list[str]:
+        return [lens_key(entry, k, self.options, self.text["sha256"]) for k in kinds]
+
+
+def trained_lens_source(manifest: Manifest) -> TrainedLensSource | None:
+    """[fit] and its documents when the sweep decodes a trained lens (ManifestError if either is
+    bad: refused before anything runs), else None."""
+    if not manifest.options.trained_lenses:
+        return None
+    options = load_fit_options(manifest.path, manifest.options.seed)
+    docs, text = read_documents(options, manifest.path.parent)
+    return TrainedLensSource(options, docs, text)
+
+
+def model_fingerprint(
+    manifest: Manifest, entry: ModelEntry, lenses: TrainedLensSource | None
+) -> str:
+    """The manifest's fingerprint of the model, and the keys of its trained lenses: another
+    [fit] or another text means other lenses, so other results."""
+    fp = manifest.fingerprint(entry)
+    if lenses is None:
+        return fp
+    keys = lenses.keys(entry, manifest.options.trained_lenses)
+    return hashlib.sha256(json.dumps([fp, keys]).encode()).hexdigest()[:16]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,6 +157,7 @@ def _actor_config(manifest: Manifest, name: str) -> ActorConfig:
     o = manifest.options
     return ActorConfig(
         name=name, source=entry.source, dtype=entry.dtype, seed=o.seed, lens=o.lens,
+        lenses=o.decoded_lenses,
         keep_layernorm_bias=o.keep_layernorm_bias, top_k=o.top_k, copy_threshold=o.copy_threshold,
         copy_margin=o.copy_margin, temperatures=o.temperatures, prepend_bos=o.prepend_bos,
         keep_residuals=o.keep_residuals, audit=o.audit, cache_dir=str(DEFAULT_CACHE_DIR),
@@ -210,7 +249,9 @@ def _reports(run_dir: Path) -> None:
               f"retry with: python -m sweep.report {run_dir}", file=sys.stderr)  # fmt: skip
 
 
-def run(args: argparse.Namespace, manifest: Manifest) -> int:
+def run(
+    args: argparse.Namespace, manifest: Manifest, lenses: TrainedLensSource | None = None
+) -> int:
     from sweep.cluster import connect
 
     _check_out(args)
@@ -228,7 +269,7 @@ def run(args: argparse.Namespace, manifest: Manifest) -> int:
                 write_json(run_dir / "provenance.json", provenance(manifest.options.seed))
                 todo = []
                 for m in manifest.models:
-                    fp = manifest.fingerprint(m)
+                    fp = model_fingerprint(manifest, m, lenses)
                     if ledger.is_done(m.name, fp):
                         continue
                     if ledger.models.get(m.name, {}).get("fingerprint") not in (None, fp):
@@ -236,7 +277,7 @@ def run(args: argparse.Namespace, manifest: Manifest) -> int:
                         ledger.update(m.name, batches_done=None, batches_resumed=None)
                     ledger.update(m.name, status="pending", fingerprint=fp, error=None)
                     todo.append(m.name)
-                return _sweep(args, manifest, run_dir, ledger, todo)
+                return _sweep(args, manifest, run_dir, ledger, todo, lenses)
             except BaseException as exc:
                 # A full disk may refuse this too: the ledger then keeps its last good state.
                 with contextlib.suppress(OSError):
@@ -258,13 +299,64 @@ def _close_unfinished(ledger: Ledger, exc: BaseException, rerun: str) -> None:
             )
 
 
+def _trained_lenses(
+    args: argparse.Namespace,
+    manifest: Manifest,
+    todo: list[str],
+    ledger: Ledger,
+    lenses: TrainedLensSource,
+) -> tuple[dict[str, tuple[tuple[str, bytes], ...]], dict[str, dict[str, Any]]]:
+    """Each model's trained lenses: fitted first where missing (sweep.fit, cached under
+    OUT/lenses), then read and checked against the model. A model whose lens cannot be had
+    fails here, with why; the others go on."""
+    from sweep.fit import fit_models, missing_lenses
+
+    kinds = manifest.options.trained_lenses
+    entries = [m for m in manifest.models if m.name in todo]
+    missing = missing_lenses(entries, kinds, lenses.options, lenses.text["sha256"], args.out)
+    if missing:
+        print(f"fitting trained lenses first ({args.out / 'lenses'}): "
+              + "; ".join(f"{n}: {', '.join(k)}" for n, k in missing.items()))  # fmt: skip
+        failed = fit_models(manifest, lenses.options, missing, lenses.docs, lenses.text,
+                            args.out, args.no_progress)  # fmt: skip
+        for name, why in failed.items():
+            ledger.update(name, status="failed", error=f"fitting its trained lenses failed: "
+                          f"{why}; rerun: {rerun_command(args)}")  # fmt: skip
+    weights: dict[str, tuple[tuple[str, bytes], ...]] = {}
+    cards: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if ledger.models.get(entry.name, {}).get("status") == "failed":
+            continue
+        try:
+            shape = model_shape(entry.source, DEFAULT_CACHE_DIR)
+            shapes = {"n_lens_layers": shape.n_layers + 1, "d_model": shape.d_model}
+            got = {k: load_lens(args.out, entry, k, lenses.options, lenses.text["sha256"], shapes)
+                   for k in kinds}  # fmt: skip
+        except (LensCardError, FileNotFoundError, EstimateError) as exc:
+            ledger.update(entry.name, status="failed", error=str(exc))
+            continue
+        weights[entry.name] = tuple((k, w) for k, (w, _) in got.items())
+        cards[entry.name] = {k: card for k, (_, card) in got.items()}
+    return weights, cards
+
+
 def _sweep(
-    args: argparse.Namespace, manifest: Manifest, run_dir: Path, ledger: Ledger, todo: list[str]
+    args: argparse.Namespace,
+    manifest: Manifest,
+    run_dir: Path,
+    ledger: Ledger,
+    todo: list[str],
+    lenses: TrainedLensSource | None = None,
 ) -> int:
     from sweep.cluster import probe_nodes
     from sweep.execute import run_models
     from sweep.merge import merge_run
 
+    weights: dict[str, tuple[tuple[str, bytes], ...]] = {}
+    cards: dict[str, dict[str, Any]] = {}
+    if lenses is not None and todo:
+        weights, cards = _trained_lenses(args, manifest, todo, ledger, lenses)
+        todo = [n for n in todo if n in weights]
     nodes = probe_nodes(args.simulate_missing_devices)
     ledger.data["nodes"] = [
         {"node_id": n.node_id, "ip": n.ip, "cpus": n.cpus, "cpu_free_bytes": n.cpu_free_bytes,
@@ -299,6 +391,7 @@ def _sweep(
             devices=p.devices,
             simulate_missing_device=p.simulated,
             torch_threads=p.torch_threads,
+            translator_weights=weights.get(p.name, ()),
         )
         for p in runnable
     ]
@@ -307,11 +400,14 @@ def _sweep(
     def context(name: str) -> dict[str, Any]:
         entry = ledger.models[name]
         keys = ("node_id", "node_ip", "device_kind", "n_gpus", "est_bytes", "plan")
-        return {
+        out = {
             "placement": {k: entry.get(k) for k in keys},
             "provenance": prov,
             "fingerprint": entry.get("fingerprint"),
         }
+        if name in cards:
+            out["trained_lenses"] = cards[name]  # which fitted lens files were decoded
+        return out
 
     if configs:
         run_models(
@@ -338,11 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         manifest = load_manifest(args.manifest, prompt_files_anywhere=args.prompt_files_anywhere)
+        lenses = trained_lens_source(manifest)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return run(args, manifest)
+        return run(args, manifest, lenses)
     except RunDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 
-from sweep.artefacts import artefact_paths
+from sweep.artefacts import artefact_paths, decoded_lenses
 from sweep.stats import has_many_prompts, prompt_statistics, stats_seed
 
 
@@ -20,9 +20,15 @@ class ModelData:
 
     name: str
     info: dict[str, Any]  # output-<name>.json
-    prompts: pl.DataFrame  # prompts-<name>.parquet
+    prompts: pl.DataFrame  # prompts-<name>.parquet, the primary lens's rows
     records_path: Path
     primary_id: str | None
+    every_lens: pl.DataFrame | None = None  # prompts-<name>.parquet, every lens's rows
+
+    @property
+    def lenses(self) -> list[str]:
+        """The lenses decoded, the primary first."""
+        return decoded_lenses(self.diagnostics)
 
     @property
     def diagnostics(self) -> dict[str, Any]:
@@ -47,12 +53,17 @@ class ModelData:
         """More than one prompt of one role in a prompt set: the reports lead with statistics."""
         return has_many_prompts(self.prompts)
 
-    def pure_next(self, prompt_id: str | None = None) -> pl.DataFrame:
-        """Next-token rows of one prompt (default: primary), one per layer, in layer order."""
+    def pure_next(self, prompt_id: str | None = None, lens: str | None = None) -> pl.DataFrame:
+        """Next-token rows of one prompt (default: primary) through one lens (default: the
+        primary lens), one per layer, in layer order."""
         pid = prompt_id or self.primary_id
         return (
             pl.scan_parquet(self.records_path)
-            .filter((pl.col("prompt_id") == pid) & pl.col("is_next_token"))
+            .filter(
+                (pl.col("prompt_id") == pid)
+                & pl.col("is_next_token")
+                & (pl.col("lens") == (lens or self.lenses[0]))
+            )
             .sort("layer")
             .collect()
         )
@@ -61,7 +72,7 @@ class ModelData:
         pid = prompt_id or self.primary_id
         return (
             pl.scan_parquet(self.records_path)
-            .filter(pl.col("prompt_id") == pid)
+            .filter((pl.col("prompt_id") == pid) & (pl.col("lens") == self.lenses[0]))
             .sort(["layer", "pos"])
             .collect()
         )
@@ -102,12 +113,15 @@ def load_run(run_dir: Path) -> RunData:
         paths = artefact_paths(run_dir, name)
         if entry.get("status") != "ok" or not paths["prompts_parquet"].is_file():
             continue
-        prompts = pl.read_parquet(paths["prompts_parquet"]).sort("prompt_id")
+        info = _read_json(paths["json"])
+        every_lens = pl.read_parquet(paths["prompts_parquet"])
+        primary_lens = decoded_lenses(info.get("diagnostics") or {})[0]
+        prompts = every_lens.filter(pl.col("lens") == primary_lens).sort("prompt_id")
         primary = prompts.filter(pl.col("role") == "primary")["prompt_id"]
         primary_id = (
             primary[0] if len(primary) else (prompts["prompt_id"][0] if prompts.height else None)
         )
         models[name] = ModelData(
-            name, _read_json(paths["json"]), prompts, paths["records_parquet"], primary_id
+            name, info, prompts, paths["records_parquet"], primary_id, every_lens
         )
     return RunData(run_dir, ledger, manifest, models)

@@ -16,6 +16,7 @@ COPY_REFLEX_LAYERS = 4  # a copy collapse in layers 0-3 is the "copy reflex"
 MILESTONES = (0.30, 0.60)
 TOP_SHOWN = 5
 RAW_VS_NORM = "answer probability and divergence, normalised vs raw lens"  # plot label
+LENS_KL = "KL to the model's output by layer, every lens"  # plot label
 # What each risk tier means for a reader of this lens (tiers: actors.schema.artefact_tier).
 TIER_MEANING = {
     "low": "the normalised and raw lenses agree",
@@ -258,7 +259,7 @@ def model_report(m: ModelData, run: RunData, plots: dict[str, Path]) -> str:
     has more than one prompt of a role."""
     rows = m.pure_next()
     summary = m.prompts.filter(pl.col("prompt_id") == m.primary_id).row(0, named=True)
-    shown = {label: path for label, path in plots.items() if label != RAW_VS_NORM}
+    shown = {label: path for label, path in plots.items() if label not in (RAW_VS_NORM, LENS_KL)}
     figures = "\n".join(f"![{label}]({path.name})" for label, path in shown.items())
     lead = [model_statistics_section(m)] if m.many_prompts else []
     return "\n\n".join([
@@ -266,7 +267,77 @@ def model_report(m: ModelData, run: RunData, plots: dict[str, Path]) -> str:
         _quantitative(rows, summary, m.n_layers) + ("\n\n" + figures if figures else ""),
         _tests_and_temperature(m), _distribution(m),
         audit_section(m, rows, plots.get(RAW_VS_NORM)),
+        *([lens_section(m, plots.get(LENS_KL))] if len(m.lenses) > 1 else []),
     ]) + "\n"  # fmt: skip
+
+
+def _layer(layer: int | None) -> str:
+    return "never" if layer is None else str(layer)
+
+
+def lens_section(m: ModelData, plot: Path | None) -> str:
+    """Every lens decoded side by side: how far each is from the model's output, and where each
+    puts the collapse layers; trained lenses with what they were fitted on."""
+    block = m.info.get("lenses") or {}
+    by_lens = block.get("by_lens", {})
+    primary = m.lenses[0]
+    base = (by_lens.get(primary) or {}).get("mean_kl_to_final_bits")
+    body = []
+    for lens in m.lenses:
+        b = by_lens.get(lens, {})
+        mean = b.get("mean_kl_to_final_bits")
+        ratio = "-"
+        if base and mean and lens != primary:
+            ratio = f"{base / mean:.1f}x lower" if base >= mean else f"{mean / base:.1f}x higher"
+        frac = b.get("frac_prompts_L_semantic")
+        body.append([
+            lens + (" (primary)" if lens == primary else ""), fmt(mean), ratio,
+            _layer(b.get("primary_L_copy")), _layer(b.get("primary_L_semantic")),
+            "-" if frac is None else f"{frac:.0%} of {b.get('n_prompts')}",
+            fmt(b.get("median_L_semantic")),
+        ])  # fmt: skip
+    lines = [
+        "## Lenses compared",
+        "",
+        f"Each lens decodes the same residuals. KL(lens || model) is to the model's own output at "
+        f"the next-token position, in bits (the records' kl_to_final_bits), averaged over the prompts and over layers 0..L-1 (at L = "
+        f"{m.n_layers} the final-norm lens is the model's head). L_copy and L_semantic are the "
+        f"primary prompt's ({m.primary_id}).",
+        "",
+        table(
+            [
+                "lens",
+                "mean KL to output (bits)",
+                f"vs {primary}",
+                "L_copy",
+                "L_semantic",
+                "prompts reaching L_semantic",
+                "median L_semantic",
+            ],
+            body,
+        ),
+    ]
+    cards = m.info.get("trained_lenses") or {}
+    if cards:
+        lines += ["", "Trained lenses, as fitted (held-out text, mean KL(model || lens), the fit's "
+                  "objective, over layers 0..L-1):", ""]  # fmt: skip
+        for kind, c in cards.items():
+            lines.append(
+                f"- {kind}: {fmt(c.get('heldout_mean_kl_bits'))} bits against the final-norm "
+                f"lens's {fmt(c.get('final_lens_heldout_mean_kl_bits'))}; {c.get('steps')} steps "
+                f"on {c.get('text')}, rank {c.get('rank')}; `{c.get('folder')}`"
+            )
+    if "tuned" in m.lenses:
+        sources = m.prompts["confirmed_source"].drop_nulls().value_counts(sort=True)
+        said = ", ".join(
+            f"{r['confirmed_source']} {r['count']}" for r in sources.iter_rows(named=True)
+        )
+        lines += ["", f"L_semantic_confirmed (raw or tuned lens at rank 1 within +-2 layers of "
+                  f"L_semantic): confirmed on {m.prompts['L_semantic_confirmed'].drop_nulls().len()}"
+                  f" of {m.prompts.height} prompts ({said or 'none'})."]  # fmt: skip
+    if plot is not None:
+        lines += ["", f"![{LENS_KL}]({plot.name})"]
+    return "\n".join(lines)
 
 
 def layer_ranges(layers: list[int]) -> str:

@@ -260,3 +260,47 @@ def plot_depth_distributions(depths: dict[str, pl.DataFrame], path: Path) -> Pat
     fig.suptitle(f"Relative depth across prompts ({where}boxes over the prompts that reach the "
                  "layer; labels: reached / prompts with an answer)")  # fmt: skip
     return _save(fig, path)
+
+
+def lens_kl_figsize() -> tuple[float, float]:
+    return (8.0, 6.5)
+
+
+LENS_STYLES = {"final": ("tab:blue", "o"), "next_ln1": ("tab:cyan", "v"),
+               "raw": ("tab:purple", "s"), "tuned": ("tab:red", "^"),
+               "prism": ("tab:green", "D")}  # fmt: skip
+
+
+def plot_lens_kl(model: ModelData, path: Path) -> Path:
+    """Every lens decoded, by layer: KL to the model's output in bits, mean over the prompts
+    (top), and the primary prompt's p(answer) (bottom)."""
+    fig, (ax_kl, ax_p) = plt.subplots(
+        2, 1, figsize=lens_kl_figsize(), sharex=True, layout="constrained"
+    )
+    by_lens = (model.info.get("lenses") or {}).get("by_lens", {})
+    for lens in model.lenses:
+        color, marker = LENS_STYLES.get(lens, ("tab:gray", "x"))
+        kl = by_lens.get(lens, {}).get("kl_to_final_bits_by_layer") or []
+        mean = by_lens.get(lens, {}).get("mean_kl_to_final_bits")
+        label = lens if mean is None else f"{lens} (mean {mean:.2f} bits, layers 0..L-1)"
+        values = np.array([np.nan if v is None else v for v in kl], dtype=float)
+        ax_kl.plot(np.arange(values.size), values, color=color, marker=marker, ms=3, label=label)
+        rows = model.pure_next(lens=lens)
+        if rows.height and rows["answer_prob"].null_count() < rows.height:
+            ax_p.plot(rows["layer"].to_numpy(), rows["answer_prob"].to_numpy(), color=color,
+                      marker=marker, ms=3, label=lens)  # fmt: skip
+    ax_kl.set_yscale("symlog", linthresh=1.0)
+    ax_kl.set_ylabel("KL(lens || model) (bits)")
+    ax_kl.set_title(f"{model.name}: lenses against the model's output")
+    ax_kl.legend(fontsize=8)
+    ax_p.set(ylabel=f"p(answer), {model.primary_id}", ylim=(0, 1))
+    if ax_p.get_lines():
+        ax_p.legend(fontsize=8, loc="upper left")
+    else:
+        ax_p.text(0.5, 0.5, "no answer on the primary prompt", ha="center",
+                  transform=ax_p.transAxes)  # fmt: skip
+    ax_p.set_xlabel("layer (0 = embeddings)")
+    ax_p.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (ax_kl, ax_p):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)

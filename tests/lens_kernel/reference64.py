@@ -606,6 +606,7 @@ def _summary(r: dict, answer_id: int, has_foil: bool, vocab: int, rule: RefAudit
         "L_semantic_strong": first_layer(r["semantic_strong"]),
         "L_semantic_raw": first_layer(raw_rank1),
         "L_semantic_confirmed": l_semantic if confirmed else -1,
+        "confirmed_raw": confirmed,
     }
 
     # The gates again with the logits scaled by s: p(answer) from softmax(s z), the gap times s.

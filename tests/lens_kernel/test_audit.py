@@ -13,6 +13,7 @@ import functools
 import math
 import random
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -256,8 +257,10 @@ def assert_audit_matches(case: AuditCase, out: LensOutputs) -> None:
     for f in fields(AuditRows):
         if f.name not in TEMPERATURE_FIELDS:
             _assert_field(f.name, getattr(out.audit, f.name), rows[f.name])
+    assert out.prompt_audit.confirmed_tuned is None  # no tuned lens in a lens pass of its own
     for f in fields(PromptAudit):
-        _assert_field(f.name, getattr(out.prompt_audit, f.name), prompts[f.name])
+        if f.name != "confirmed_tuned":
+            _assert_field(f.name, getattr(out.prompt_audit, f.name), prompts[f.name])
     # The temperature search: the kernel's KL at its s is the reference's minimum, and s close.
     kl_after = out.audit.last_kl_after_temperature_bits.double().numpy()
     np.testing.assert_allclose(kl_after, rows["last_kl_after_temperature_bits"], 1e-4, 1e-5)
@@ -336,6 +339,8 @@ def test_one_prompt_chunks_give_the_same_audit(case: AuditCase, monkeypatch) -> 
             assert torch.equal(got.nan_to_num(), expected.nan_to_num()), f.name
     for f in fields(PromptAudit):
         got, expected = getattr(one.prompt_audit, f.name), getattr(whole.prompt_audit, f.name)
+        if got is None and expected is None:
+            continue
         assert torch.equal(got.nan_to_num(), expected.nan_to_num()), f.name
 
 
@@ -572,3 +577,26 @@ def test_raw_lens_equals_an_unnormalised_lens(batch) -> None:
     assert not a.norm_only_semantics.any()
     assert torch.equal(a.answer_rank_raw, out.next.answer_rank)
     assert (out.prompt_audit.n_norm_only_layers == 0).all()
+
+
+def test_the_tuned_lens_confirms_l_semantic_within_the_window_as_the_raw_lens_does() -> None:
+    from lens_kernel.audit import confirm_with_tuned, confirmed_by
+
+    # 6 layers, 4 prompts: L_semantic 2, 2, 3, never; raw rank 1 only for prompt 0 (layer 4).
+    l_sem = torch.tensor([2, 2, 3, -1])
+    raw_rank1 = torch.zeros(6, 4, dtype=torch.bool)
+    raw_rank1[4, 0] = True
+    tuned_rank = torch.full((6, 4), 7)
+    tuned_rank[1, 0] = 1  # prompt 0: raw and tuned
+    tuned_rank[0, 1] = 1  # prompt 1: tuned, 2 layers before L_semantic: inside the window
+    tuned_rank[0, 2] = 1  # prompt 2: tuned, 3 before: outside
+    tuned_rank[:, 3] = 1  # prompt 3: no L_semantic, nothing to confirm
+    raw = confirmed_by(l_sem, raw_rank1, 2)
+    assert raw.tolist() == [True, False, False, False]
+    audit = SimpleNamespace(confirmed_raw=raw, confirmed_tuned=None, L_semantic_confirmed=None)
+    confirm_with_tuned(audit, l_sem, tuned_rank, torch.tensor([5, 5, 5, 5]), 2)  # type: ignore[arg-type]
+    assert audit.confirmed_tuned.tolist() == [True, True, False, False]
+    assert audit.L_semantic_confirmed.tolist() == [2, 2, -1, -1]
+    # No answer: never confirmed, whatever the ranks say.
+    confirm_with_tuned(audit, l_sem, tuned_rank, torch.tensor([-1, -1, -1, -1]), 2)  # type: ignore[arg-type]
+    assert audit.confirmed_tuned.tolist() == [False, False, False, False]

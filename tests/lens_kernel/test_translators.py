@@ -17,6 +17,9 @@ from lens_kernel.translators import (
     kl_by_layer_bits,
     lens_log_probs,
     step_sample,
+    translate_layers,
+    translator_from_state,
+    translator_shape,
     whitening_stats,
 )
 from lens_kernel.unembed import UnembedSpec
@@ -158,3 +161,59 @@ def _kl_bits_mean(translator, rows, layer, norm, unembed, target) -> torch.Tenso
 
     lp = lens_log_probs(translator, rows, layer, norm, unembed)
     return kl_nats(target, lp).mean() / math.log(2)
+
+
+def _trained(kind: str) -> torch.nn.Module:
+    """A translator with non-trivial weights (random, seeded)."""
+    resid = _setup(seed=3)[0]
+    g = torch.Generator().manual_seed(5)
+    if kind == "tuned":
+        lens: torch.nn.Module = TunedLens(LAYERS, D)
+    else:
+        mean, std = whitening_stats(resid[:-1])
+        lens = Prism(mean, std, *whitening_stats(resid[-1]))
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return lens
+
+
+@pytest.mark.parametrize("kind", ["tuned", "prism"])
+def test_a_translator_comes_back_from_its_weights_and_translates_every_layer(kind: str) -> None:
+    lens = _trained(kind)
+    back = translator_from_state(kind, {k: v.clone() for k, v in lens.state_dict().items()})
+    assert translator_shape(back) == ((LAYERS, D) if kind == "tuned" else (None, D))
+    resid = torch.randn(LAYERS, 3, 5, D)  # [layers, B, T, d]: any rows per layer
+    got = translate_layers(back, resid)
+    for layer in range(LAYERS):
+        # Each layer by its own map; float64 from the weights for the tuned lens.
+        if kind == "tuned":
+            w, b = back.weight[layer].double(), back.bias[layer].double()
+            want = resid[layer].double() + resid[layer].double() @ w + b
+            torch.testing.assert_close(got[layer].double(), want, rtol=1e-5, atol=1e-5)
+        else:
+            want = lens(resid[layer], layer)
+            torch.testing.assert_close(got[layer], want, rtol=1e-6, atol=1e-6)
+
+
+def test_low_rank_tuned_weights_keep_their_rank_and_bad_weights_are_refused() -> None:
+    lens = TunedLens(LAYERS, D, rank=3, seed=1)
+    back = translator_from_state("tuned", lens.state_dict())
+    assert back.rank == 3
+    with pytest.raises(ValueError, match="do not make a tuned translator"):
+        translator_from_state("tuned", {"bias": torch.zeros(LAYERS, D)})  # no weight, no down/up
+    with pytest.raises(ValueError, match="do not make a prism translator"):
+        translator_from_state("prism", TunedLens(LAYERS, D).state_dict())
+    with pytest.raises(ValueError, match="unknown translator kind"):
+        translator_from_state("sideways", {})
+
+
+def test_the_bfloat16_training_decode_is_close_to_float32_and_differentiable() -> None:
+    resid, norm, unembed = _setup()
+    fast = UnembedSpec(W_U=unembed.W_U, precision="bfloat16")
+    x = apply_norm(resid[1], norm).requires_grad_(True)
+    z32, z16 = decode(x, unembed), decode(x, fast)
+    # bf16 operands: 8 significant bits, so logits agree to ~1e-2 of their scale.
+    assert (z32 - z16).abs().max() <= 0.02 * z32.abs().max()
+    z16.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -139,7 +139,7 @@ def _tier(score: float) -> str:
 
 
 @pytest.mark.parametrize("which", ["audited", "unaudited"])
-def test_pure_next_token_csv_ends_with_every_audit_column_in_schema_order(request, which):
+def test_pure_next_token_csv_ends_with_every_audit_column_in_schema_order_then_lens(request, which):
     run = request.getfixturevalue(which)
     with open(run / f"output-{SMOL}-pure-next-token.csv") as fh:
         header = next(csv.reader(fh))
@@ -147,7 +147,7 @@ def test_pure_next_token_csv_ends_with_every_audit_column_in_schema_order(reques
     for i in range(1, 11):
         seed += [f"top{i}", f"prob{i}"]
     flags = ["copy_collapse", "entropy_collapse", "is_answer", "p_answer", "answer_rank"]
-    assert header == [*seed, "rest_mass", *flags, "kl_to_final_bits", *_audit_columns()]
+    assert header == [*seed, "rest_mass", *flags, "kl_to_final_bits", *_audit_columns(), "lens"]
     table = pl.read_csv(run / f"output-{SMOL}-pure-next-token.csv", infer_schema_length=None)
     rows = _next_rows(run, SMOL, "capital-de")
     assert table.height == rows.height == 31

@@ -46,7 +46,7 @@ def test_broken_model_fails_alone_and_the_others_complete(first_run):
         expected = ["layer", "pos", "token", "entropy"]
         for i in range(1, 6):
             expected += [f"top{i}", f"prob{i}"]
-        assert header == [*expected, "rest_mass"]
+        assert header == [*expected, "rest_mass", "lens"]
         with open(run / f"output-{name}-pure-next-token.csv") as fh:
             rows = list(csv.reader(fh))
         assert rows[0][: len(expected) + 4] == [
