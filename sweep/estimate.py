@@ -176,6 +176,25 @@ def estimate_peak_bytes(shape: ModelShape, dtype: str, batch_size: int, seq_len:
     return estimate_split_bytes(shape, dtype, batch_size, seq_len, 1)[0]
 
 
+def translator_bytes(
+    shape: ModelShape, kinds: tuple[str, ...], batch_size: int, seq_len: int
+) -> int:
+    """What decoding trained lenses adds on the lens device: each translator's float32 weights
+    (tuned: a d x d map and bias per lens layer, rank clip(d/32, 64, 256) factors above d = 2048;
+    prism: its skew matrix and rotation) and one translated float32 copy of the hooked residuals
+    (the lenses run one after another, so one copy at a time)."""
+    if not kinds:
+        return 0
+    d, n = shape.d_model, shape.n_layers + 1
+    rank = None if d <= 2048 else max(64, min(256, d // 32))
+    sizes = {
+        "tuned": n * (d * d if rank is None else 2 * d * rank) + n * d,
+        "prism": 2 * d * d + 4 * d,
+    }
+    weights = sum(sizes.get(k, 0) for k in kinds) * 4
+    return weights + n * batch_size * seq_len * d * 4
+
+
 def estimate_split_bytes(
     shape: ModelShape, dtype: str, batch_size: int, seq_len: int, n_devices: int
 ) -> list[int]:

@@ -26,6 +26,7 @@ from sweep.estimate import (
     estimate_peak_bytes,
     estimate_split_bytes,
     model_shape,
+    translator_bytes,
 )
 from sweep.files import write_json
 from sweep.fit import LensCardError, lens_key, load_lens
@@ -202,9 +203,13 @@ def _demands(
             ledger.update(m.name, status="failed", error=str(exc))
             continue
         dtypes = {k: m.dtype or DEFAULT_DTYPE[k] for k in DEVICE_ORDER}
-        est = {k: estimate_peak_bytes(shape, dtypes[k], batch, seq) for k in DEVICE_ORDER}
+        lenses = translator_bytes(shape, manifest.options.trained_lenses, batch, seq)
+        est = {k: estimate_peak_bytes(shape, dtypes[k], batch, seq) + lenses for k in DEVICE_ORDER}
         split = {
-            n: tuple(estimate_split_bytes(shape, dtypes["cuda"], batch, seq, n))
+            n: tuple(
+                b + (lenses if i == 0 else 0)  # the lens device decodes the trained lenses
+                for i, b in enumerate(estimate_split_bytes(shape, dtypes["cuda"], batch, seq, n))
+            )
             for n in range(2, min(max_gpus, shape.n_layers) + 1)
             if m.device in (None, "cuda")
         }

@@ -518,3 +518,19 @@ def test_anchor_models_in_bf16_are_planned_on_one_h200_or_two(tmp_path: Path) ->
         assert (p.status, p.device_kind) == ("planned", "cpu"), name
         f32 = estimate_peak_bytes(shape_from_config(ANCHOR_MODELS[name][0]), "float32", 16, 78)
         assert (f32 > 256 * GIB) == (want_gpus[name] == 2), name
+
+
+def test_trained_lenses_add_their_weights_and_one_translated_residual_copy() -> None:
+    from sweep.estimate import translator_bytes
+
+    small = ModelShape(135_000_000, 30, 576, 49152, 9, 1536, exact_params=True)
+    wide = ModelShape(8_000_000_000, 32, 4096, 128256, 32, 14336, exact_params=True)
+    assert translator_bytes(small, (), 4, 16) == 0
+    resid = 31 * 4 * 16 * 576 * 4  # one float32 copy of the 31 hooked layers
+    tuned = translator_bytes(small, ("tuned",), 4, 16)
+    assert tuned == 31 * (576 * 576 + 576) * 4 + resid  # full d x d maps up to d = 2048
+    both = translator_bytes(small, ("tuned", "prism"), 4, 16)
+    assert both == tuned + (2 * 576 * 576 + 4 * 576) * 4  # the copy is counted once
+    # Above d = 2048 the tuned lens is rank clip(d / 32, 64, 256) = 128: two d x r factors.
+    wide_tuned = translator_bytes(wide, ("tuned",), 1, 1) - 33 * 4096 * 4
+    assert wide_tuned == 33 * (2 * 4096 * 128 + 4096) * 4
