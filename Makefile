@@ -32,11 +32,12 @@ fit: venv
 	$(BIN)/python -m sweep.fit manifests/demo.toml
 
 # Speed ratios measured side by side (about an hour on 2 cores): the lens against its floor,
-# the audit's cost, the fast unembedding's speed and error, Ray against one process, GGUF cache;
-# then bench-sweep.
+# the audit's cost, each extra lens's cost, the fast unembedding's speed and error, Ray against
+# one process, GGUF cache; then bench-sweep.
 bench: venv
 	$(BIN)/python -m bench.lens_bench
 	$(BIN)/python -m bench.audit_bench
+	$(BIN)/python -m bench.lenses_bench
 	$(BIN)/python -m bench.unembed_bench
 	$(BIN)/python -m bench.sweep_bench
 	$(MAKE) --no-print-directory bench-sweep

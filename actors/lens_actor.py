@@ -55,6 +55,7 @@ from lens_kernel import (
 from lens_kernel.audit import confirm_with_tuned
 from lens_kernel.translators import (
     TRANSLATOR_KINDS,
+    Prism,
     translate_layers,
     translator_from_state,
     translator_shape,
@@ -173,6 +174,7 @@ class LensActor:
         # Every lens of the sweep: a norm plan each, and a translator for a trained lens (whose
         # translated residual is read through the final norm).
         self.lens_names = list(dict.fromkeys([config.lens, *config.lenses]))
+        self.rotations: dict[str, torch.Tensor] = {}
         self.translators = self._load_translators(dict(config.translator_weights))
         self.lens_plans = {
             name: plan_for("final" if name in self.translators else name)
@@ -238,6 +240,9 @@ class LensActor:
                     "it: python -m sweep.fit MANIFEST"
                 )
             out[name] = translator.to(self.device)
+            if isinstance(translator, Prism):  # its rotation is fixed: made once, not per batch
+                with torch.no_grad():
+                    self.rotations[name] = out[name].rotation()
         return out
 
     # ---- one batch -------------------------------------------------------------------------
@@ -425,13 +430,13 @@ class LensActor:
         """A lens besides the primary, from the same residuals: its own norm plan, a trained
         lens's translation first; the primary's reference (the model's output) for KL; no audit
         (the audit is raw against the primary)."""
-        translator = self.translators.get(name)
+        translator, q = self.translators.get(name), self.rotations.get(name)
         if translator is not None:
             inputs = replace(
                 inputs,
-                resid_next=translate_layers(translator, inputs.resid_next),
+                resid_next=translate_layers(translator, inputs.resid_next, q),
                 resid_all=None if inputs.resid_all is None
-                else translate_layers(translator, inputs.resid_all),
+                else translate_layers(translator, inputs.resid_all, q),
             )  # fmt: skip
         return lens_pass(
             inputs,

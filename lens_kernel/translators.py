@@ -238,10 +238,15 @@ def translator_shape(translator: torch.nn.Module) -> tuple[int | None, int]:
 
 
 @torch.no_grad()
-def translate_layers(translator: torch.nn.Module, resid: torch.Tensor) -> torch.Tensor:
+def translate_layers(
+    translator: torch.nn.Module, resid: torch.Tensor, rotation: torch.Tensor | None = None
+) -> torch.Tensor:
     """Residuals [layers, ..., d] -> translated float32 residuals of the same shape, layer l by
-    the translator's map for l (prism: its one rotation, computed once)."""
-    q = translator.rotation() if isinstance(translator, Prism) else None
+    the translator's map for l (prism: its one rotation, ``rotation`` if given, else computed
+    once here)."""
+    q = None
+    if isinstance(translator, Prism):
+        q = translator.rotation() if rotation is None else rotation
     out = torch.empty(resid.shape, dtype=torch.float32, device=resid.device)
     for layer in range(resid.shape[0]):
         h = resid[layer]
