@@ -173,15 +173,23 @@ def fit_step(
     (nats) over ``layers`` and rows; returns that loss in bits."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    # Prism's Q is shared: one matrix exponential per step, its graph kept across the layers'
-    # backward passes (each layer's [rows, V] logits are still freed after its own).
+    # Prism's Q is shared: one matrix exponential per step, and one backward through it. Each
+    # layer's backward stops at a detached copy of Q, whose gradients add up; then that sum goes
+    # back through exp(S - S^T) once (each layer's [rows, V] logits are freed after its own).
     q = translator.rotation() if isinstance(translator, Prism) else None
-    for i, layer in enumerate(layers):
-        h = translator(resid[layer], layer) if q is None else translator(resid[layer], layer, q)
+    q_leaf = None if q is None else q.detach().requires_grad_(True)
+    for layer in layers:
+        h = (
+            translator(resid[layer], layer)
+            if q_leaf is None
+            else translator(resid[layer], layer, q_leaf)
+        )
         lp = torch.log_softmax(decode(apply_norm(h, final_norm), unembed), dim=-1)
         kl = kl_nats(target_log_probs, lp).mean()
-        (kl / len(layers)).backward(retain_graph=q is not None and i < len(layers) - 1)
+        (kl / len(layers)).backward()
         total += float(kl.detach())
+    if q is not None and q_leaf is not None and q_leaf.grad is not None:
+        q.backward(q_leaf.grad)
     optimizer.step()
     return total / len(layers) / LN2
 
