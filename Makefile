@@ -25,7 +25,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 demo: venv
-	$(BIN)/python -m sweep.run manifests/demo.toml
+	$(BIN)/python -m sweep.run manifests/demo-lenses.toml
 
 # Trained lenses (tuned, prism) for the demo models, cached under results/lenses/.
 fit: venv

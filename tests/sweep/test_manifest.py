@@ -79,6 +79,34 @@ def test_demo_toml_loads_two_packaged_ggufs() -> None:
     assert m.options.name == "demo"
 
 
+def test_demo_lenses_toml_is_the_demo_with_every_lens_and_a_small_fit() -> None:
+    from sweep.fit_options import load_fit_options
+
+    demo = load_manifest(REPO / "manifests" / "demo.toml")
+    m = load_manifest(REPO / "manifests" / "demo-lenses.toml")
+    assert m.models == demo.models and m.prompts == demo.prompts
+    assert m.options.decoded_lenses == ("final", "raw", "tuned", "prism")
+    assert m.options.trained_lenses == ("tuned", "prism")
+    fit = load_fit_options(m.path, m.options.seed)
+    assert (fit.steps, fit.train_tokens, fit.precision) == (50, 4096, "bfloat16")
+    assert demo.options.decoded_lenses == ("final",)  # benches and tests use the plain demo
+
+
+def test_lenses_are_checked_and_the_primary_must_be_a_norm_mode(tmp_path) -> None:
+    base = '[[models]]\nname = "m"\nid = "gpt2"\n\n[[prompts]]\nid = "p"\ntext = "x"\n'
+    for sweep, phrase in (
+        ('lenses = ["final", "sideways"]', "[sweep].lenses: must be distinct names out of"),
+        ('lenses = ["tuned", "tuned"]', "[sweep].lenses: must be distinct names out of"),
+        ('lenses = "tuned"', "[sweep].lenses"),
+        ('lens = "prism"', "trained lenses go in lenses"),
+    ):
+        path = tmp_path / "m.toml"
+        path.write_text(f"[sweep]\n{sweep}\n\n{base}")
+        with pytest.raises(ManifestError) as info:
+            load_manifest(path)
+        assert phrase in str(info.value), (sweep, str(info.value))
+
+
 def test_demo_toml_has_a_control_an_ablation_and_the_capitals_suite() -> None:
     prompts = {p.id: p for p in load_manifest(REPO / "manifests" / "demo.toml").prompts}
     control = prompts["test-10"]
