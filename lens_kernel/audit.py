@@ -508,8 +508,10 @@ def confirm_with_tuned(
 ) -> None:
     """Adds the tuned lens as a second confirming lens (the seed's rule): L_semantic_confirmed
     is L_semantic when the raw or the tuned lens ([layers, B] answer ranks) has the answer at
-    rank 1 within +-window layers of it."""
+    rank 1 within +-window layers of it. Not at the last layer: there the tuned lens is the
+    final-norm lens by construction (its map is the identity), so it would confirm itself."""
     rank1 = (tuned_answer_rank == 1) & (answer_ids >= 0).view(1, -1)
+    rank1[-1] = False
     tuned = confirmed_by(l_semantic, rank1, window)
     raw = audit.confirmed_raw if audit.confirmed_raw is not None else torch.zeros_like(tuned)
     audit.confirmed_tuned = tuned

@@ -332,9 +332,10 @@ def lens_section(m: ModelData, plot: Path | None) -> str:
         said = ", ".join(
             f"{r['confirmed_source']} {r['count']}" for r in sources.iter_rows(named=True)
         )
-        lines += ["", f"L_semantic_confirmed (raw or tuned lens at rank 1 within +-2 layers of "
-                  f"L_semantic): confirmed on {m.prompts['L_semantic_confirmed'].drop_nulls().len()}"
-                  f" of {m.prompts.height} prompts ({said or 'none'})."]  # fmt: skip
+        confirmed = m.prompts["L_semantic_confirmed"].drop_nulls().len()
+        lines += ["", "L_semantic_confirmed (raw lens, or tuned lens below the last layer, at "
+                  f"rank 1 within +-2 layers of L_semantic): confirmed on {confirmed} of "
+                  f"{m.prompts.height} prompts ({said or 'none'})."]  # fmt: skip
     if plot is not None:
         lines += ["", f"![{LENS_KL}]({plot.name})"]
     return "\n".join(lines)

@@ -582,21 +582,27 @@ def test_raw_lens_equals_an_unnormalised_lens(batch) -> None:
 def test_the_tuned_lens_confirms_l_semantic_within_the_window_as_the_raw_lens_does() -> None:
     from lens_kernel.audit import confirm_with_tuned, confirmed_by
 
-    # 6 layers, 4 prompts: L_semantic 2, 2, 3, never; raw rank 1 only for prompt 0 (layer 4).
-    l_sem = torch.tensor([2, 2, 3, -1])
-    raw_rank1 = torch.zeros(6, 4, dtype=torch.bool)
+    # 6 layers, 5 prompts: L_semantic 2, 2, 3, never, 5 (the last layer); raw rank 1 only for
+    # prompt 0 (layer 4).
+    l_sem = torch.tensor([2, 2, 3, -1, 5])
+    raw_rank1 = torch.zeros(6, 5, dtype=torch.bool)
     raw_rank1[4, 0] = True
-    tuned_rank = torch.full((6, 4), 7)
+    tuned_rank = torch.full((6, 5), 7)
     tuned_rank[1, 0] = 1  # prompt 0: raw and tuned
     tuned_rank[0, 1] = 1  # prompt 1: tuned, 2 layers before L_semantic: inside the window
     tuned_rank[0, 2] = 1  # prompt 2: tuned, 3 before: outside
     tuned_rank[:, 3] = 1  # prompt 3: no L_semantic, nothing to confirm
+    tuned_rank[5, 4] = 1  # prompt 4: only at the last layer, where tuned is the final lens
     raw = confirmed_by(l_sem, raw_rank1, 2)
-    assert raw.tolist() == [True, False, False, False]
+    assert raw.tolist() == [True, False, False, False, False]
     audit = SimpleNamespace(confirmed_raw=raw, confirmed_tuned=None, L_semantic_confirmed=None)
-    confirm_with_tuned(audit, l_sem, tuned_rank, torch.tensor([5, 5, 5, 5]), 2)  # type: ignore[arg-type]
-    assert audit.confirmed_tuned.tolist() == [True, True, False, False]
-    assert audit.L_semantic_confirmed.tolist() == [2, 2, -1, -1]
+    answers = torch.tensor([5, 5, 5, 5, 5])
+    confirm_with_tuned(audit, l_sem, tuned_rank, answers, 2)  # type: ignore[arg-type]
+    assert audit.confirmed_tuned.tolist() == [True, True, False, False, False]
+    assert audit.L_semantic_confirmed.tolist() == [2, 2, -1, -1, -1]
+    tuned_rank[4, 4] = 1  # ... and one layer before it: confirmed
+    confirm_with_tuned(audit, l_sem, tuned_rank, answers, 2)  # type: ignore[arg-type]
+    assert audit.L_semantic_confirmed.tolist() == [2, 2, -1, -1, 5]
     # No answer: never confirmed, whatever the ranks say.
-    confirm_with_tuned(audit, l_sem, tuned_rank, torch.tensor([-1, -1, -1, -1]), 2)  # type: ignore[arg-type]
-    assert audit.confirmed_tuned.tolist() == [False, False, False, False]
+    confirm_with_tuned(audit, l_sem, tuned_rank, -answers, 2)  # type: ignore[arg-type]
+    assert audit.confirmed_tuned.tolist() == [False] * 5
