@@ -42,7 +42,8 @@ SEED = 316
 def prompt_row(prompt_id: str, **values: Any) -> dict[str, Any]:
     """One PROMPT_SUMMARY_SCHEMA row: every field null unless given, required ones filled."""
     row: dict[str, Any] = dict.fromkeys(PROMPT_SUMMARY_SCHEMA.names)
-    row.update(model="m", prompt_id=prompt_id, role="test", n_tokens=4, next_token_pos=3,
+    row.update(model="m", lens="final", prompt_id=prompt_id, role="test", n_tokens=4,
+               next_token_pos=3,
                n_layers=8, answer="Paris", answer_token=" Paris", answer_token_id=10,
                final_top_ids=[10, 11], final_top_tokens=[" Paris", " Lyon"],
                final_top_probs=[0.6, 0.1], parity_max_abs=0.0)  # fmt: skip
@@ -263,7 +264,7 @@ def _records(
             nxt = pos == n_tokens - 1
             top = answer_id if layer == n_layers else 100 + pos
             rows.append({
-                "model": model, "prompt_id": prompt_id, "layer": layer, "pos": pos,
+                "model": model, "lens": "final", "prompt_id": prompt_id, "layer": layer, "pos": pos,
                 "token_id": 100 + pos, "token": f" w{pos}", "is_next_token": nxt,
                 "entropy_bits": float(n_layers + 1 - layer), "top_ids": [top, 7],
                 "top_tokens": [f" t{top}", " x"], "top_probs": [0.6, 0.1], "rest_mass": 0.3,
