@@ -271,7 +271,7 @@ class LensActor:
             batch_parity = self._check_parity(batch, parity)
             outs = {self.config.lens: out}
             for name in self.lens_names[1:]:
-                outs[name] = self._other_lens(name, inputs, out.final_logits)
+                outs[name] = self._lens(inputs, out.final_logits, name)
             if "tuned" in outs and out.prompt_audit is not None:
                 confirm_with_tuned(
                     out.prompt_audit,
@@ -411,27 +411,19 @@ class LensActor:
             **common,
         )
 
-    def _lens(self, inputs: LensInputs, model_logits: torch.Tensor) -> LensOutputs:
-        """The lens pass with this actor's norms, unembedding, rules and audit setting."""
-        return lens_pass(
-            inputs,
-            self.norm_plan,
-            self.unembed,
-            top_k=self.config.top_k,
-            rule=self.rule,
-            keep_bias=self.config.keep_layernorm_bias,
-            chunk_bytes=self.config.chunk_bytes,
-            final_norm=self.final_norm,
-            audit=self.audit_rule,
-            head_logits=model_logits,
-        )
-
-    def _other_lens(self, name: str, inputs: LensInputs, reference: torch.Tensor) -> LensOutputs:
-        """A lens besides the primary, from the same residuals: its own norm plan, a trained
-        lens's translation first; the primary's reference (the model's output) for KL; no audit
-        (the audit is raw against the primary)."""
-        translator, q = self.translators.get(name), self.rotations.get(name)
+    def _lens(
+        self, inputs: LensInputs, model_logits: torch.Tensor, lens: str | None = None
+    ) -> LensOutputs:
+        """The lens pass with this actor's norms, unembedding and rules: the primary lens (with
+        the audit setting), or another ``lens`` of the sweep from the same residuals (its own
+        norm plan, a trained lens's translation first, no audit: the audit is raw against the
+        primary). ``model_logits``: the head's logits for the primary, the primary's reference
+        (the model's output, for KL) for another lens."""
+        primary = lens is None or lens == self.config.lens
+        plan = self.norm_plan if primary else self.lens_plans[lens]
+        translator = None if primary else self.translators.get(lens)
         if translator is not None:
+            q = self.rotations.get(lens)
             inputs = replace(
                 inputs,
                 resid_next=translate_layers(translator, inputs.resid_next, q),
@@ -440,14 +432,16 @@ class LensActor:
             )  # fmt: skip
         return lens_pass(
             inputs,
-            self.lens_plans[name],
+            plan,
             self.unembed,
             top_k=self.config.top_k,
             rule=self.rule,
             keep_bias=self.config.keep_layernorm_bias,
             chunk_bytes=self.config.chunk_bytes,
             final_norm=self.final_norm,
-            reference_logits=reference,
+            audit=self.audit_rule if primary else None,
+            head_logits=model_logits if primary else None,
+            reference_logits=None if primary else model_logits,
         )
 
     def _echo_ids(self, prompt_ids: torch.Tensor) -> torch.Tensor:
