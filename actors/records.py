@@ -241,11 +241,10 @@ def summary_batch(
     return pa.RecordBatch.from_arrays(ordered, schema=PROMPT_SUMMARY_SCHEMA)
 
 
-def _confirmed_source(audit: PromptAudit, confirmed: np.ndarray) -> list[str | None]:
+def _confirmed_source(audit: PromptAudit) -> list[str | None]:
     """Which lens confirmed each prompt's L_semantic: raw, tuned, both, or None (not confirmed)."""
-    n = confirmed.size
-    raw = _np(audit.confirmed_raw) if audit.confirmed_raw is not None else confirmed >= 0
-    tuned = _np(audit.confirmed_tuned) if audit.confirmed_tuned is not None else np.zeros(n, bool)
+    raw = _np(audit.confirmed_raw)
+    tuned = np.zeros_like(raw) if audit.confirmed_tuned is None else _np(audit.confirmed_tuned)
     names = {(True, True): "both", (True, False): "raw", (False, True): "tuned"}
     return [names.get((bool(r), bool(t))) for r, t in zip(raw, tuned, strict=True)]
 
@@ -306,7 +305,7 @@ def _prompt_audit_columns(out: LensOutputs, n: int) -> dict[str, pa.Array]:
     cols["L_semantic_strong"] = layers(pa_.L_semantic_strong)
     cols["L_semantic_raw"] = layers(pa_.L_semantic_raw)
     cols["L_semantic_confirmed"] = layers(confirmed)
-    cols["confirmed_source"] = pa.array(_confirmed_source(pa_, confirmed), pa.string())
+    cols["confirmed_source"] = pa.array(_confirmed_source(pa_), pa.string())
     for s, m, st in zip(
         rule.gate_scales, pa_.L_semantic_margin_scaled, pa_.L_semantic_strong_scaled, strict=True
     ):

@@ -109,7 +109,7 @@ class PromptAudit:
     max_resid_norm_ratio: torch.Tensor
     # Which lens backed L_semantic within +-window layers (bool [B]); tuned: None until a tuned
     # lens was decoded in the same pass (confirm_with_tuned).
-    confirmed_raw: torch.Tensor | None = None
+    confirmed_raw: torch.Tensor
     confirmed_tuned: torch.Tensor | None = None
 
 
@@ -513,10 +513,9 @@ def confirm_with_tuned(
     rank1 = (tuned_answer_rank == 1) & (answer_ids >= 0).view(1, -1)
     rank1[-1] = False
     tuned = confirmed_by(l_semantic, rank1, window)
-    raw = audit.confirmed_raw if audit.confirmed_raw is not None else torch.zeros_like(tuned)
     audit.confirmed_tuned = tuned
     audit.L_semantic_confirmed = torch.where(
-        raw | tuned, l_semantic, torch.full_like(l_semantic, -1)
+        audit.confirmed_raw | tuned, l_semantic, torch.full_like(l_semantic, -1)
     )
 
 

@@ -270,20 +270,18 @@ def lens_block(prompts: pl.DataFrame, records_path: Path, lenses: list[str]) -> 
     return out
 
 
-def write_seed_csvs(paths: dict[str, Path], top_k: int, lenses: list[str] | None = None) -> None:
+def write_seed_csvs(paths: dict[str, Path], top_k: int, lenses: list[str]) -> None:
     """The seed's two CSVs for the primary prompt, so existing readers keep working.
 
     records:          layer,pos,token,entropy,top1,prob1,...,topK,probK,rest_mass (every position)
     pure next-token:  the same at the next-token position, then copy_collapse,entropy_collapse,
                       is_answer, and (added, at the end) p_answer,answer_rank,kl_to_final_bits,
                       then the audit's columns in RECORDS_SCHEMA order (empty with audit off).
-    Both end with ``lens``: one block of rows per lens decoded, the primary first (``lenses``,
-    default: the primary alone).
+    Both end with ``lens``: one block of rows per lens decoded, in ``lenses`` order (the primary
+    first).
     Entropy is in bits. New columns only ever go at the end, so readers by position still work.
     """
     prompts = pl.read_parquet(paths["prompts_parquet"], columns=["prompt_id", "role", "lens"])
-    if not lenses:
-        lenses = [prompts["lens"][0]] if prompts.height else ["final"]
     primary = _primary_id(prompts.filter(pl.col("lens") == lenses[0]))
     rank = {name: i for i, name in enumerate(lenses)}
     records = pl.scan_parquet(paths["records_parquet"]).filter(pl.col("prompt_id") == primary)

@@ -180,13 +180,15 @@ def translator_bytes(
     shape: ModelShape, kinds: tuple[str, ...], batch_size: int, seq_len: int
 ) -> int:
     """What decoding trained lenses adds on the lens device: each translator's float32 weights
-    (tuned: a d x d map and bias per lens layer, rank clip(d/32, 64, 256) factors above d = 2048;
-    prism: its skew matrix and rotation) and one translated float32 copy of the hooked residuals
-    (the lenses run one after another, so one copy at a time)."""
+    (tuned: a d x d map and bias per lens layer, or rank-r factors at rank "auto"'s r; prism: its
+    skew matrix and rotation) and one translated float32 copy of the hooked residuals (the
+    lenses run one after another, so one copy at a time)."""
+    from sweep.fit_options import auto_rank
+
     if not kinds:
         return 0
     d, n = shape.d_model, shape.n_layers + 1
-    rank = None if d <= 2048 else max(64, min(256, d // 32))
+    rank = auto_rank(d)
     sizes = {
         "tuned": n * (d * d if rank is None else 2 * d * rank) + n * d,
         "prism": 2 * d * d + 4 * d,

@@ -27,7 +27,7 @@ from typing import Any
 
 from sweep.errors import ManifestError, RunDirError
 from sweep.files import write_bytes, write_json
-from sweep.fit_options import FitOptions, load_fit_options, read_documents
+from sweep.fit_options import FitOptions, auto_rank, load_fit_options, read_documents
 from sweep.manifest import Manifest, ModelEntry, load_manifest
 
 CARD_VERSION = 1
@@ -84,14 +84,10 @@ def read_card(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("card_version") == CARD_VERSION else None
 
 
-FULL_RANK_MAX_D = 2048  # rank "auto": full d x d maps up to this width, low rank above
-
-
 def resolve_rank(options: FitOptions, d_model: int) -> int | None:
-    """The tuned lens's rank; None is full. "auto": full for d <= 2048, else clip(d / 32, 64,
-    256) (the seed's width-scaled rank)."""
+    """The tuned lens's rank; None is full (``auto_rank`` for "auto")."""
     if options.rank == "auto":
-        return None if d_model <= FULL_RANK_MAX_D else max(64, min(256, d_model // 32))
+        return auto_rank(d_model)
     if options.rank == "full":
         return None
     return min(int(options.rank), d_model)

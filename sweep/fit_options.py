@@ -13,6 +13,7 @@ from sweep.manifest import TRAINED_LENSES
 from sweep.prompt_files import checked_file
 
 PYDOC_TOPICS = "pydoc:topics"
+FULL_RANK_MAX_D = 2048  # rank "auto": full d x d maps up to this width, low rank above
 FIT_PRECISIONS = ("bfloat16", "float32")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TEXT_MAX_BYTES = 1 << 30
@@ -79,6 +80,12 @@ _TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
 }
 _POSITIVE = ("seq_len", "train_tokens", "heldout_tokens", "steps", "batch_rows",
              "layers_per_step", "checkpoint_every", "max_documents")  # fmt: skip
+
+
+def auto_rank(d_model: int) -> int | None:
+    """The tuned lens's rank "auto": full (None) for d <= 2048, else clip(d / 32, 64, 256) (the
+    seed's width-scaled rank)."""
+    return None if d_model <= FULL_RANK_MAX_D else max(64, min(256, d_model // 32))
 
 
 def load_fit_options(manifest: Path, sweep_seed: int) -> FitOptions:
