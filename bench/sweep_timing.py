@@ -79,6 +79,9 @@ class TracedLensActor:
         _trace(self.name, "batch", start=t0, n_prompts=len(prompts))
         return result
 
+    def token_lengths(self, prompts: list[Any]) -> list[int]:
+        return self.actor.token_lengths(prompts)
+
     def diagnostics(self) -> dict[str, Any]:
         t0 = time.time()
         result = self.actor.diagnostics()

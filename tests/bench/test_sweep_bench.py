@@ -5,6 +5,7 @@ Nothing here runs a model or Ray, and nothing asserts a timing.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,14 @@ def test_loads_table_gives_the_ratio_of_medians():
     text = "\n".join(render_loads(loads))
     assert "first / cached 10.0x" in text
     assert "PASS" in text
+
+
+def test_the_traced_actor_answers_every_call_the_driver_makes():
+    """Regression: the bench's actor wrapper lacked ``token_lengths`` (added to the driver
+    later), so every Ray run of the bench failed at its first call."""
+    from bench.sweep_timing import TracedLensActor
+
+    source = (Path(__file__).resolve().parents[2] / "sweep" / "execute.py").read_text()
+    called = set(re.findall(r"actor\.(\w+)\.remote\(", source))
+    assert called >= {"run_batch", "diagnostics", "token_lengths"}
+    assert all(callable(getattr(TracedLensActor, name, None)) for name in called), called
