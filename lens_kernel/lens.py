@@ -36,6 +36,34 @@ CACHE_BYTES = 4 * 2**20
 _PLAN_LAST = object()  # lens_pass default: the reference uses the plan's last-layer norm
 
 
+def norm_rows(
+    resid: torch.Tensor,
+    layer_of_row: torch.Tensor,
+    norm_plan: list[NormSpec | None],
+    keep_bias: bool = True,
+) -> torch.Tensor:
+    """float32 residual rows [n, d_model] normalised as the lens decodes them: row r with
+    norm_plan[layer_of_row[r]], one call per distinct spec (not per row)."""
+    resid = resid.float()
+    groups: dict[int, list[int]] = {}
+    specs: dict[int, NormSpec | None] = {}
+    for layer, spec in enumerate(norm_plan):
+        groups.setdefault(id(spec), []).append(layer)
+        specs[id(spec)] = spec
+    if len(groups) == 1:
+        return apply_norm(resid, norm_plan[0], keep_bias)
+    group_of_layer = torch.empty(len(norm_plan), dtype=torch.long)
+    for g, layers in enumerate(groups.values()):
+        group_of_layer[layers] = g
+    row_group = group_of_layer.to(layer_of_row.device)[layer_of_row]
+    normed = torch.empty_like(resid)
+    for g, key in enumerate(groups):
+        rows = (row_group == g).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            normed[rows] = apply_norm(resid[rows], specs[key], keep_bias)
+    return normed
+
+
 def decode_rows(
     resid: torch.Tensor,
     layer_of_row: torch.Tensor,
@@ -44,30 +72,9 @@ def decode_rows(
     keep_bias: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Lens logits [n, V] for residual rows [n, d_model]; row r uses norm_plan[layer_of_row[r]].
-
-    Norms are applied per distinct spec (one call per group, not per row); one unembed matmul,
-    written into ``out`` [n, V] float32 when given.
-    """
-    resid = resid.float()
-    groups: dict[int, list[int]] = {}
-    specs: dict[int, NormSpec | None] = {}
-    for layer, spec in enumerate(norm_plan):
-        groups.setdefault(id(spec), []).append(layer)
-        specs[id(spec)] = spec
-    if len(groups) == 1:
-        normed = apply_norm(resid, norm_plan[0], keep_bias)
-    else:
-        group_of_layer = torch.empty(len(norm_plan), dtype=torch.long)
-        for g, layers in enumerate(groups.values()):
-            group_of_layer[layers] = g
-        row_group = group_of_layer.to(layer_of_row.device)[layer_of_row]
-        normed = torch.empty_like(resid)
-        for g, key in enumerate(groups):
-            rows = (row_group == g).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                normed[rows] = apply_norm(resid[rows], specs[key], keep_bias)
-    return unembed(normed, out=out)
+    """Lens logits [n, V] for residual rows [n, d_model]; row r uses norm_plan[layer_of_row[r]]:
+    ``norm_rows``, then one unembed matmul, written into ``out`` [n, V] float32 when given."""
+    return unembed(norm_rows(resid, layer_of_row, norm_plan, keep_bias), out=out)
 
 
 @dataclass
@@ -116,8 +123,8 @@ class LensOutputs:
 
 
 def _rows_per_chunk(d_vocab: int, chunk_bytes: int) -> int:
-    # A quarter of the budget per [rows, V] float32 logits buffer: the chunk's logits (twice with
-    # the audit's raw decode) and the gathers and index copies of the reads stay within it.
+    # A quarter of the budget for the [rows, V] float32 logits of one matmul: the gathers and
+    # index copies of the reads stay within the rest.
     return max(1, chunk_bytes // (4 * 4 * d_vocab))
 
 
@@ -128,6 +135,62 @@ def _cat_rows(parts: list[RowStats]) -> RowStats:
         torch.cat([p.top_probs for p in parts]),
         torch.cat([p.rest_mass for p in parts]),
     )
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Rows of one unembedding matmul: ``kind`` "ref" (the reference rows, one per prompt),
+    "next" (prompts [start, stop): each prompt's layers, then with the audit the same rows
+    raw) or "all" (all-positions rows [start, stop)); ``offset`` is its first row there."""
+
+    kind: str
+    start: int
+    stop: int
+    offset: int
+    rows: int
+
+
+def _pack(
+    n_ref: int, batch: int, per_prompt: int, n_all: int, capacity: int
+) -> list[list[_Segment]]:
+    """Every row the pass decodes, packed in order into matmuls of at most ``capacity`` rows:
+    each matmul reads W_U once, so few large ones beat one per kind (at batch 1 the reads of
+    a big vocabulary's W_U were a fifth of the pass). A prompt's next-token rows stay in one
+    matmul (read together with its raw rows); a unit larger than the capacity (the reference,
+    one prompt) gets a matmul to itself."""
+    chunks: list[list[_Segment]] = [[]]
+    used = 0
+
+    def add(kind: str, start: int, stop: int, rows: int) -> None:
+        nonlocal used
+        chunks[-1].append(_Segment(kind, start, stop, used, rows))
+        used += rows
+
+    def close() -> None:
+        nonlocal used
+        if chunks[-1]:
+            chunks.append([])
+            used = 0
+
+    if n_ref:
+        add("ref", 0, n_ref, n_ref)
+    b = 0
+    while b < batch:
+        n = min(batch - b, (capacity - used) // per_prompt)
+        if n <= 0 and used:
+            close()
+            continue
+        n = max(n, 1)
+        add("next", b, b + n, n * per_prompt)
+        b += n
+    r = 0
+    while r < n_all:
+        if used >= capacity:
+            close()
+        n = min(n_all - r, capacity - used)
+        add("all", r, r + n, n)
+        r += n
+    return [c for c in chunks if c]
 
 
 def lens_pass(
@@ -153,73 +216,89 @@ def lens_pass(
     check (default: ``final_logits``). ``reference_logits`` [B, V]: the reference already
     computed (another lens of the same batch; a translated batch cannot make its own, since its
     last layer is no longer the model's residual).
+
+    Rows are decoded in as few float32 matmuls as ``chunk_bytes`` allows (``_pack``), into one
+    reused logits buffer; what follows the matmul reads cache-sized slices of it.
     """
     rule = rule or CollapseRule()
     if audit is not None and top_k < 2:
         raise ValueError(f"the audit reads p1 - p2 from the top-k: top_k must be >= 2, got {top_k}")
-    n_rows_layers, batch, _ = inputs.resid_next.shape
+    n_rows_layers, batch, d_model = inputs.resid_next.shape
     if n_rows_layers != len(norm_plan):
         raise ValueError(
             f"residuals have {n_rows_layers} layers but the norm plan has {len(norm_plan)}"
         )
+    if inputs.resid_all is not None and inputs.positions is None:
+        raise ValueError("resid_all needs a positions mask")
     device = inputs.resid_next.device
+    vocab = unembed.d_vocab
     layer_ids = torch.arange(n_rows_layers, device=device)
 
-    # Next-token rows, prompt-major ([prompt, layer]), decoded in chunks of prompts whose logits
-    # fit the budget (twice over with the audit: its raw decode), then read in cache-sized
-    # slices of one prompt's layers (see CACHE_BYTES).
-    vocab = unembed.d_vocab
-    per_chunk = _rows_per_chunk(vocab, chunk_bytes) // (2 if audit else 1)
-    per_chunk = max(1, per_chunk // n_rows_layers)
-    sub = max(1, min(n_rows_layers, CACHE_BYTES // (4 * vocab)))
-    if reference_logits is not None:
-        final_logits = reference_logits
-    elif isinstance(final_norm, NormSpec) or final_norm is None:
-        final_logits = unembed.reference(
-            apply_norm(inputs.resid_next[-1], final_norm, keep_bias=True)
-        )
+    # The reference: the model's output from its last residual, float32 whatever the lens
+    # precision. Where the lens rows are float32 too it rides in the first matmul.
+    if isinstance(final_norm, NormSpec) or final_norm is None:
+        ref_norm, ref_bias = final_norm, True
     else:
-        final_logits = unembed.reference(
-            apply_norm(inputs.resid_next[-1], norm_plan[-1], keep_bias)
+        ref_norm, ref_bias = norm_plan[-1], keep_bias
+    final_logits = reference_logits
+    ref_in_matmul = reference_logits is None and unembed.effective_precision == "float32"
+    if final_logits is None and not ref_in_matmul:
+        final_logits = unembed.reference(apply_norm(inputs.resid_next[-1], ref_norm, ref_bias))
+    final_log_probs = None if final_logits is None else torch.log_softmax(final_logits, dim=-1)
+
+    # All-positions rows, ordered by (prompt, layer, position): prompt b owns counts[b] * layers
+    # rows, layer-major over its requested positions.
+    row_b = row_layer = row_pos = None
+    n_all = 0
+    if inputs.resid_all is not None:
+        assert inputs.positions is not None
+        b_idx, t_idx = inputs.positions.nonzero(as_tuple=True)  # by prompt, then position
+        counts = torch.bincount(b_idx, minlength=batch)
+        starts = torch.cumsum(counts, 0) - counts
+        rows_per_prompt = counts * n_rows_layers
+        row_b = torch.repeat_interleave(torch.arange(batch, device=device), rows_per_prompt)
+        offset = torch.arange(row_b.numel(), device=device) - torch.repeat_interleave(
+            starts * n_rows_layers, rows_per_prompt
         )
-    final_log_probs = torch.log_softmax(final_logits, dim=-1)
-    k_next = min(max(top_k, 2, 0 if audit is None else audit.jaccard_k), vocab)
+        row_layer = offset // counts[row_b]
+        row_pos = t_idx[starts[row_b] + offset % counts[row_b]]
+        n_all = row_b.numel()
+
+    per_prompt = n_rows_layers * (2 if audit is not None else 1)
+    capacity = _rows_per_chunk(vocab, chunk_bytes)
+    chunks = _pack(batch if ref_in_matmul else 0, batch, per_prompt, n_all, capacity)
+
+    # The softmax passes run on slices of at most `sub` rows (see CACHE_BYTES), in these buffers.
+    cache_rows = max(1, CACHE_BYTES // (4 * vocab))
+    sub_next = min(n_rows_layers, cache_rows)
+    sub_all = min(capacity, cache_rows)
+    sub = max(sub_next, sub_all if n_all else 1)
     probs_buf, scratch_buf = (torch.zeros(sub, vocab, device=device) for _ in range(2))
+    k_next = min(max(top_k, 2, 0 if audit is None else audit.jaccard_k), vocab)
     if audit is not None:
         echo_ids = unique_ids(inputs.prompt_ids if inputs.echo_ids is None else inputs.echo_ids)
         foil_ids = (
             torch.full_like(inputs.answer_ids, -1) if inputs.foil_ids is None else inputs.foil_ids
         )
-        head_log_probs = (
-            final_log_probs if head_logits is None else torch.log_softmax(head_logits.float(), -1)
-        )
-        raw_plan: list[NormSpec | None] = [None] * n_rows_layers
-        raw_probs_buf, spare_buf = (torch.zeros(sub, vocab, device=device) for _ in range(2))
+        raw_probs_buf, spare_buf = (torch.zeros(sub_next, vocab, device=device) for _ in range(2))
+    # The audit's last-layer check reads the head's own log-probs (default: the reference's).
+    head_log_probs = None if head_logits is None else torch.log_softmax(head_logits.float(), -1)
     prompt_stats: list[NextTokenStats] = []
-    next_buf: torch.Tensor | None = None
-    raw_buf: torch.Tensor | None = None
     audits: list[AuditRows] = []
-    for b0 in range(0, batch, per_chunk):
-        b1 = min(batch, b0 + per_chunk)
-        flat = inputs.resid_next[:, b0:b1].transpose(0, 1).reshape(-1, inputs.resid_next.shape[-1])
-        flat_layers = layer_ids.repeat(b1 - b0)
-        # The first chunk's logits buffers serve every later chunk (see the all-positions loop).
-        n = flat.shape[0]
-        logits = decode_rows(
-            flat, flat_layers, norm_plan, unembed, keep_bias, out=_head(next_buf, n)
-        )
-        next_buf = next_buf if next_buf is not None else logits
-        if audit is not None:
-            raw = decode_rows(
-                flat, flat_layers, raw_plan, unembed, keep_bias, out=_head(raw_buf, n)
-            )
-            raw_buf = raw_buf if raw_buf is not None else raw
-        for b in range(b0, b1):
+    all_parts: list[RowStats] = []
+
+    def read_next(seg: _Segment, block: torch.Tensor) -> None:
+        """The next-token metrics (and audit) of prompts seg.start..stop from their logits."""
+        assert final_logits is not None and final_log_probs is not None
+        head = final_log_probs if head_log_probs is None else head_log_probs
+        n_norm = (seg.stop - seg.start) * n_rows_layers
+        logits, raw = block[:n_norm], block[n_norm:]
+        for b in range(seg.start, seg.stop):
             parts: list[NextTokenStats] = []
             audit_parts: list[AuditRows] = []
-            for l0 in range(0, n_rows_layers, sub):
-                l1 = min(n_rows_layers, l0 + sub)
-                r0, m = (b - b0) * n_rows_layers + l0, l1 - l0
+            for l0 in range(0, n_rows_layers, sub_next):
+                l1 = min(n_rows_layers, l0 + sub_next)
+                r0, m = (b - seg.start) * n_rows_layers + l0, l1 - l0
                 z = logits[r0 : r0 + m]
                 if audit is not None:
                     cos, nonfinite = logit_agreement(z, final_logits[b])
@@ -246,7 +325,7 @@ def lens_pass(
                             spare_buf[:m],
                             cos,
                             nonfinite,
-                            head_log_probs[b : b + 1] if l1 == n_rows_layers else None,
+                            head[b : b + 1] if l1 == n_rows_layers else None,
                             stats.answer_rank,
                             stats.rows.entropy_bits,
                             inputs.answer_ids[b : b + 1],
@@ -258,6 +337,50 @@ def lens_pass(
             prompt_stats.append(_cat_next(parts, dim=0).reshape(n_rows_layers, 1))
             if audit is not None:
                 audits.append(stack_layers(audit_parts))
+
+    def read_all(block: torch.Tensor) -> None:
+        for s0 in range(0, block.shape[0], sub_all):
+            z = block[s0 : s0 + sub_all]
+            m = z.shape[0]
+            rows = softmax_rows(z, probs_buf[:m], scratch_buf[:m], top_k)
+            all_parts.append(softmax_row_stats(rows, top_k))
+
+    def matmul_input(seg: _Segment) -> list[torch.Tensor]:
+        if seg.kind == "ref":
+            return [apply_norm(inputs.resid_next[-1], ref_norm, ref_bias)]
+        if seg.kind == "next":
+            flat = inputs.resid_next[:, seg.start : seg.stop].transpose(0, 1).reshape(-1, d_model)
+            normed = norm_rows(flat, layer_ids.repeat(seg.stop - seg.start), norm_plan, keep_bias)
+            return [normed] if audit is None else [normed, flat.float()]  # raw: no norm
+        assert inputs.resid_all is not None and row_layer is not None
+        assert row_b is not None and row_pos is not None
+        sl = slice(seg.start, seg.stop)
+        resid = inputs.resid_all[row_layer[sl], row_b[sl], row_pos[sl]]  # [rows, d]
+        return [norm_rows(resid, row_layer[sl], norm_plan, keep_bias)]
+
+    # One logits buffer serves every matmul (on the CPU a fresh [rows, V] tensor is page-faulted
+    # in, about as costly as the matmul that fills it; not torch.empty: deterministic mode
+    # NaN-fills it): the first matmul allocates it, a larger later one replaces it.
+    logits_buf: torch.Tensor | None = None
+    for chunk in chunks:
+        parts = [x for seg in chunk for x in matmul_input(seg)]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        n = x.shape[0]
+        reuse = logits_buf[:n] if logits_buf is not None and logits_buf.shape[0] >= n else None
+        logits = unembed(x, out=reuse)
+        if reuse is None:
+            logits_buf = logits
+        for seg in chunk:
+            block = logits[seg.offset : seg.offset + seg.rows]
+            if seg.kind == "ref":
+                final_logits = block.clone()
+                final_log_probs = torch.log_softmax(final_logits, dim=-1)
+            elif seg.kind == "next":
+                read_next(seg, block)
+            else:
+                read_all(block)
+    assert final_logits is not None
+
     nxt = _cat_next(prompt_stats, dim=1)
     collapse = collapse_layers(nxt.copy_collapse, nxt.entropy_collapse, nxt.is_answer)
     out = LensOutputs(next=nxt, collapse=collapse, final_logits=final_logits)
@@ -285,54 +408,11 @@ def lens_pass(
         )
     if inputs.resid_all is None:
         return out
-
-    if inputs.positions is None:
-        raise ValueError("resid_all needs a positions mask")
-    # Rows ordered by (prompt, layer, position): prompt b owns counts[b] * layers rows,
-    # layer-major over its requested positions.
-    b_idx, t_idx = inputs.positions.nonzero(as_tuple=True)  # sorted by prompt, then position
-    counts = torch.bincount(b_idx, minlength=batch)
-    starts = torch.cumsum(counts, 0) - counts
-    rows_per_prompt = counts * n_rows_layers
-    row_b = torch.repeat_interleave(torch.arange(batch, device=device), rows_per_prompt)
-    offset = torch.arange(row_b.numel(), device=device) - torch.repeat_interleave(
-        starts * n_rows_layers, rows_per_prompt
-    )
-    row_layer = offset // counts[row_b]
-    row_pos = t_idx[starts[row_b] + offset % counts[row_b]]
-
-    per_chunk = _rows_per_chunk(unembed.d_vocab, chunk_bytes)
-    sub = max(1, min(per_chunk, CACHE_BYTES // (4 * unembed.d_vocab)))
-    # One buffer for a matmul chunk's logits, reused by every chunk (on the CPU a fresh
-    # [rows, V] tensor is page-faulted in, about as costly as the matmul that fills it; not
-    # torch.empty: deterministic mode NaN-fills it); the softmax passes then run on cache-sized
-    # slices of it, with two cache-sized buffers, so that each pass after the first reads cache.
-    logits_buf: torch.Tensor | None = None
-    probs_buf = torch.zeros(sub, unembed.d_vocab, device=device)
-    scratch_buf = torch.zeros_like(probs_buf)
-    chunks: list[RowStats] = []
-    for r0 in range(0, row_b.numel(), per_chunk):
-        sl = slice(r0, r0 + per_chunk)
-        resid = inputs.resid_all[row_layer[sl], row_b[sl], row_pos[sl]]  # [rows, d]
-        n = resid.shape[0]
-        out_logits = _head(logits_buf, n)
-        logits = decode_rows(resid, row_layer[sl], norm_plan, unembed, keep_bias, out=out_logits)
-        logits_buf = logits if logits_buf is None else logits_buf
-        for s0 in range(0, n, sub):
-            z = logits[s0 : s0 + sub]
-            m = z.shape[0]
-            rows = softmax_rows(z, probs_buf[:m], scratch_buf[:m], top_k)
-            chunks.append(softmax_row_stats(rows, top_k))
-    if not chunks:  # no position requested: empty [0] / [0, k] results rather than a crash
-        chunks.append(row_stats(torch.empty(0, unembed.d_vocab, device=device), top_k))
-    out.all_rows = _cat_rows(chunks)
+    if not all_parts:  # no position requested: empty [0] / [0, k] results rather than a crash
+        all_parts.append(row_stats(torch.empty(0, vocab, device=device), top_k))
+    out.all_rows = _cat_rows(all_parts)
     out.row_batch, out.row_layer, out.row_pos = row_b, row_layer, row_pos
     return out
-
-
-def _head(buf: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """The first n rows of a reused buffer, or None to let the first call allocate it."""
-    return None if buf is None else buf[:n]
 
 
 def _cat_next(parts: list[NextTokenStats], dim: int) -> NextTokenStats:

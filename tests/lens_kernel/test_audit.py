@@ -36,7 +36,7 @@ from lens_kernel import (
 )
 
 from . import reference64 as ref
-from .test_reference import Case, _norm_pair
+from .test_reference import Case, _norm_pair, count_matmuls
 
 RTOL = 1e-5
 ATOL = 1e-6  # probabilities, bits, cosines
@@ -316,20 +316,13 @@ ONE_PROMPT_CASES = [
 
 @pytest.mark.parametrize("case", ONE_PROMPT_CASES, ids=[c.name for c in ONE_PROMPT_CASES])
 def test_one_prompt_chunks_give_the_same_audit(case: AuditCase, monkeypatch) -> None:
-    """chunk_bytes too small for one row: one prompt per chunk, decoded twice (norm and raw)."""
+    """chunk_bytes too small for one row: one matmul per prompt (its rows, normed and raw)."""
     b = build(case)
     whole = run_kernel(case, AuditRule())
-    calls: list[int] = []
-    real = lens_module.decode_rows
-
-    def counting(resid, *args, **kwargs):
-        calls.append(resid.shape[0])
-        return real(resid, *args, **kwargs)
-
-    monkeypatch.setattr(lens_module, "decode_rows", counting)
+    calls = count_matmuls(monkeypatch)
     one = run_kernel(case, AuditRule(), chunk_bytes=1)
     layers, batch = b.resid_next.shape[:2]
-    assert calls == [layers] * (2 * batch)
+    assert calls == [batch] + [2 * layers] * batch  # the reference rows, then each prompt
     assert_audit_matches(case, one)
     for f in fields(AuditRows):
         got, expected = getattr(one.audit, f.name), getattr(whole.audit, f.name)

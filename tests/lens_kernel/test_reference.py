@@ -382,28 +382,45 @@ def test_planted_flags_are_not_vacuous() -> None:
     assert all(values == {True, False} for values in seen.values()), seen
 
 
+def count_matmuls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of every unembedding matmul from now on (the lens's reads of W_U), in order."""
+    calls: list[int] = []
+    real = UnembedSpec.__call__
+
+    def counting(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(UnembedSpec, "__call__", counting)
+    return calls
+
+
 ONE_ROW_CASES = [c for c in CASES if c.name in ("final-rms-gemma-cap", "next-ln-pre", "raw-bias")]
 
 
 @pytest.mark.parametrize("case", ONE_ROW_CASES, ids=[c.name for c in ONE_ROW_CASES])
 def test_one_row_chunks_match_reference(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    """chunk_bytes too small for one row: one prompt per next-token chunk, one row per chunk."""
+    """chunk_bytes too small for one row: the reference rows, each prompt's next-token rows and
+    each all-positions row get a matmul of their own."""
     b = build(case)
-    calls: list[int] = []
-    real = lens_module.decode_rows
-
-    def counting(resid, *args, **kwargs):
-        calls.append(resid.shape[0])
-        return real(resid, *args, **kwargs)
-
-    monkeypatch.setattr(lens_module, "decode_rows", counting)
+    calls = count_matmuls(monkeypatch)
     _check_against_reference(case, 1)
     n_all = int(b.positions.sum()) * (b.n_blocks + 1)
     batch = b.answer_ids.shape[0]
-    # Per call: one decode per prompt (the reference is decoded with final_norm, outside
-    # decode_rows); the all-positions call adds one per row.
-    assert len(calls) == 2 * batch + n_all
-    assert max(calls) == max(batch, b.n_blocks + 1)
+    next_run = [batch] + [b.n_blocks + 1] * batch
+    assert calls == next_run + next_run + [1] * n_all  # next-token only, then all positions
+
+
+def test_one_matmul_when_everything_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within the budget the reference, next-token and all-positions rows share one matmul (one
+    read of W_U), and the results are the float64 reference's."""
+    case = CASES[0]
+    b = build(case)
+    calls = count_matmuls(monkeypatch)
+    _check_against_reference(case, None, next_only=False)
+    batch, layers = b.answer_ids.shape[0], b.n_blocks + 1
+    all_rows = int(b.positions.sum()) * layers
+    assert calls == [batch + batch * layers + all_rows]
 
 
 def test_positions_mask_selects_rows_in_prompt_layer_position_order() -> None:
