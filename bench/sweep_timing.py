@@ -109,14 +109,16 @@ def _stamp_sinks(stamps: Stamps) -> None:
     add, commit = ModelArtefacts.add, ModelArtefacts.commit
     added, committed = stamps.setdefault("sink_add_s", {}), stamps.setdefault("committed", {})
 
-    def timed_add(self: Any, result: Any) -> None:
+    # Arguments passed through as they come: the sink's signature may grow (it did once, and
+    # every Ray run of this bench failed at its first batch).
+    def timed_add(self: Any, *args: Any, **kwargs: Any) -> None:
         t0 = time.time()
-        add(self, result)
+        add(self, *args, **kwargs)
         added[self.name] = added.get(self.name, 0.0) + time.time() - t0
 
-    def timed_commit(self: Any, diagnostics: Any, context: Any) -> Any:
+    def timed_commit(self: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.time()
-        files = commit(self, diagnostics, context)
+        files = commit(self, *args, **kwargs)
         committed[self.name] = {"start": t0, "end": time.time()}
         return files
 
