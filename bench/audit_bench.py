@@ -25,7 +25,13 @@ model with a big vocabulary (Gemma-3-270M: M > F) cannot reach 1.3x on next-toke
 however fast the rest is; in a research-size model F is several times M (the more so, the
 longer the prompts), and the ratio falls towards 1.
 
+Why that matmul stays float32 (``bench/raw_precision.py``, printed after the table for the demo
+models; random weights' raw logits mean nothing): raw residuals are unnormalised, so raw logits
+run to hundreds (SmolLM2) or tens of thousands (Gemma), and bf16 operands change the raw answer
+rank on nearly every row, even with each row's top candidates recomputed in float32.
+
     python -m bench.audit_bench [--repeats N] [--models NAME ...] [--threads N]
+                                [--no-raw-precision]
 """
 
 from __future__ import annotations
@@ -227,6 +233,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch threads (default: torch's); 1 on a busy shared machine, where threads that "
         "wait for a descheduled sibling make small ops many times slower",
     )
+    p.add_argument(
+        "--no-raw-precision",
+        dest="raw_precision",
+        action="store_false",
+        help="skip the raw decode's bf16-vs-float32 table (bench/raw_precision.py)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -241,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(os.environ["LENS_SWEEP_CACHE"])
     from transformers.utils import logging as hf_logging
 
+    from bench import raw_precision
     from bench.bench_models import bench_models, load_actor, model_facts, release_memory, select
     from sweep.manifest import load_manifest
 
@@ -251,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()[0]
     facts: list[str] = []
     worst = 0.0
+    precision: list[raw_precision.ModelReport] = []
     for model in models:
         t0 = time.perf_counter()
         actor, build_s = load_actor(model, cache_dir, args.threads)
@@ -268,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             tok = tokens_per_prompt(actor, batches)
             table.append(render_row(model.name, label, tok, rows, cost_model(times), e2e, lens))
             print(table[-1], file=sys.stderr, flush=True)
+        if args.raw_precision and not model.shape:  # measured now, printed after the table
+            precision.append(raw_precision.measure(actor, model.name, list(manifest.prompts)))
         del actor
         release_memory()
     lines = [
@@ -291,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("(within target)" if worst <= ON_OVER_OFF_MAX else "(OVER TARGET)"),
     ]
     print("\n".join(lines))
+    if precision:
+        print("\n" + raw_precision.render(precision))
     return 0
 
 
