@@ -241,7 +241,12 @@ def lens_pass(
     else:
         ref_norm, ref_bias = norm_plan[-1], keep_bias
     final_logits = reference_logits
-    ref_in_matmul = reference_logits is None and unembed.effective_precision == "float32"
+    # The reference and the audit's raw rows are float32 whatever the lens rows' precision (a
+    # bf16 raw decode changes the raw ranks: bench/raw_precision.py); with float32 lens rows
+    # they share its matmuls.
+    exact_lens = unembed.effective_precision == "float32"
+    ref_in_matmul = reference_logits is None and exact_lens
+    raw_in_matmul = audit is not None and exact_lens
     if final_logits is None and not ref_in_matmul:
         final_logits = unembed.reference(apply_norm(inputs.resid_next[-1], ref_norm, ref_bias))
     final_log_probs = None if final_logits is None else torch.log_softmax(final_logits, dim=-1)
@@ -264,7 +269,7 @@ def lens_pass(
         row_pos = t_idx[starts[row_b] + offset % counts[row_b]]
         n_all = row_b.numel()
 
-    per_prompt = n_rows_layers * (2 if audit is not None else 1)
+    per_prompt = n_rows_layers * (2 if raw_in_matmul else 1)
     capacity = _rows_per_chunk(vocab, chunk_bytes)
     chunks = _pack(batch if ref_in_matmul else 0, batch, per_prompt, n_all, capacity)
 
@@ -287,12 +292,19 @@ def lens_pass(
     audits: list[AuditRows] = []
     all_parts: list[RowStats] = []
 
+    def _next_rows(seg: _Segment) -> torch.Tensor:
+        """Prompts seg.start..stop's next-token residuals, prompt-major: [prompts x layers, d]."""
+        rows = inputs.resid_next[:, seg.start : seg.stop].transpose(0, 1)
+        return rows.reshape(-1, d_model)
+
     def read_next(seg: _Segment, block: torch.Tensor) -> None:
         """The next-token metrics (and audit) of prompts seg.start..stop from their logits."""
         assert final_logits is not None and final_log_probs is not None
         head = final_log_probs if head_log_probs is None else head_log_probs
         n_norm = (seg.stop - seg.start) * n_rows_layers
         logits, raw = block[:n_norm], block[n_norm:]
+        if audit is not None and not raw_in_matmul:
+            raw = unembed.reference(_next_rows(seg))
         for b in range(seg.start, seg.stop):
             parts: list[NextTokenStats] = []
             audit_parts: list[AuditRows] = []
@@ -349,9 +361,9 @@ def lens_pass(
         if seg.kind == "ref":
             return [apply_norm(inputs.resid_next[-1], ref_norm, ref_bias)]
         if seg.kind == "next":
-            flat = inputs.resid_next[:, seg.start : seg.stop].transpose(0, 1).reshape(-1, d_model)
+            flat = _next_rows(seg)
             normed = norm_rows(flat, layer_ids.repeat(seg.stop - seg.start), norm_plan, keep_bias)
-            return [normed] if audit is None else [normed, flat.float()]  # raw: no norm
+            return [normed, flat.float()] if raw_in_matmul else [normed]  # raw: no norm
         assert inputs.resid_all is not None and row_layer is not None
         assert row_b is not None and row_pos is not None
         sl = slice(seg.start, seg.stop)

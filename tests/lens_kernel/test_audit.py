@@ -599,3 +599,28 @@ def test_the_tuned_lens_confirms_l_semantic_within_the_window_as_the_raw_lens_do
     # No answer: never confirmed, whatever the ranks say.
     confirm_with_tuned(audit, l_sem, tuned_rank, -answers, 2)  # type: ignore[arg-type]
     assert audit.confirmed_tuned.tolist() == [False] * 5
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=[c.name for c in CASES[:3]])
+def test_raw_decode_stays_float32_under_a_bfloat16_lens(case: AuditCase) -> None:
+    """unembed_precision = "bfloat16" speeds the lens rows only: the audit's raw rows are still
+    decoded in float32 (bf16 would move the raw ranks), so every raw-only figure is the float32
+    run's and matches the float64 reference."""
+    b = build(case)
+    fast = dataclasses.replace(b.unembed, precision="bfloat16")
+    inputs = LensInputs(
+        b.resid_next, b.prompt_ids, b.answer_ids, foil_ids=b.foil_ids, echo_ids=b.echo_ids
+    )
+    out = lens_pass(
+        inputs, b.kernel_plan, fast, case.top_k, keep_bias=case.keep_bias,
+        final_norm=b.final_kernel, audit=AuditRule(), head_logits=b.head_logits,
+    )  # fmt: skip
+    exact = run_kernel(case, AuditRule())
+    for name in ("answer_rank_raw", "top1_id_raw"):
+        assert torch.equal(getattr(out.audit, name), getattr(exact.audit, name)), name
+    for name in ("entropy_raw_bits", "answer_prob_raw"):
+        torch.testing.assert_close(
+            getattr(out.audit, name), getattr(exact.audit, name), rtol=1e-6, atol=1e-7,
+            equal_nan=True,
+        )  # fmt: skip
+    torch.testing.assert_close(out.final_logits, exact.final_logits, rtol=0, atol=0)
