@@ -152,9 +152,14 @@ def render_models(runs: Runs) -> list[str]:
         "-> its __init__ entered (worker start, unpickling); torch: import actors.lens_actor "
         "(torch, pyarrow, kernel); TL: import transformer_lens; load: LensActor() (weights, "
         "bridge boot); batches: run_batch calls where the actor runs ("
-        + ", ".join(f"{m.n_batches} for {n}" for n, m in first.items())
-        + "); write: the driver appending them to Parquet; commit: its CSVs and JSON; other: "
-        "the rest of the span, waiting on results; span: submitted -> committed",
+        + ", ".join(
+            f"{m.n_batches} for {n}" + (f" on {m.replicas + 1} actors" if m.replicas else "")
+            for n, m in first.items()
+        )
+        + "; a model with replicas: the first actor's start, every actor's batches); write: the "
+        "driver appending them to Parquet; commit: its CSVs and JSON; other: the rest of the "
+        "span, waiting on results (negative where replicas overlap); span: submitted -> "
+        "committed",
     ]
     return lines
 
@@ -294,6 +299,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-loads", action="store_true", help="leave out part 2")
     p.add_argument(
+        "--no-replicas",
+        action="store_true",
+        help="the Ray driver without replicas (cores a finished model left stay idle)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="a few minutes: one round of Ray and one process at all threads on a smaller "
@@ -374,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     # Both sweep sides use the tests' converted GGUFs; part 2 converts into its own folders.
     os.environ.setdefault("LENS_SWEEP_CACHE", str(REPO / ".cache" / "lens-sweep"))
     driver_args = [] if args.num_cpus is None else ["--num-cpus", str(args.num_cpus)]
+    if args.no_replicas:
+        driver_args.append("--no-replicas")
     scratch = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     load_before = os.getloadavg()[0]
     try:

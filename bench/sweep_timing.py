@@ -244,8 +244,9 @@ class ModelTimes:
     import_actor: float = 0.0  # import actors.lens_actor (torch, pyarrow, lens_kernel)
     import_tl: float = 0.0  # import transformer_lens.model_bridge
     load: float = 0.0  # LensActor(config): source, weights, bridge boot, lens setup
-    batches: float = 0.0  # run_batch calls, summed, where the actor runs
+    batches: float = 0.0  # run_batch calls, summed over the model's actors, where they run
     n_batches: int = 0
+    replicas: int = 0  # actors the driver added to the model on cores others left
     diagnostics: float = 0.0
     sink_add: float = 0.0  # the driver appending batches to Parquet
     commit: float = 0.0  # the driver's per-model Parquet close, CSVs and JSON
@@ -253,7 +254,8 @@ class ModelTimes:
 
     @property
     def other(self) -> float:
-        """Span not in the parts above: waiting on results (round trips, queueing, CPU)."""
+        """Span not in the parts above: waiting on results (round trips, queueing, CPU); with
+        replicas their batches overlap the first actor's, and this goes negative."""
         parts = (self.submit_to_init, self.import_actor, self.import_tl, self.load, self.batches,
                  self.diagnostics, self.sink_add, self.commit)  # fmt: skip
         return self.span - sum(parts)
@@ -308,12 +310,15 @@ def model_times(
     """Per model, from the wrapper's events and the driver's stamps; ``submitted``: when the
     driver created the actors (Ray), None where each model starts at its constructor."""
     by_model: dict[str, dict[str, Any]] = {}
-    for e in events:
+    starts: dict[str, int] = {}
+    for e in sorted(events, key=lambda e: e["t"]):
         slot = by_model.setdefault(e["model"], {"batches": []})
         if e["event"] == "batch":
             slot["batches"].append(e["t"] - e["start"])
         else:
-            slot[e["event"]] = e
+            # The model's first actor's time line; a replica's start is counted, not timed.
+            slot.setdefault(e["event"], e)
+            starts[e["model"]] = starts.get(e["model"], 0) + (e["event"] == "init_entered")
     out = {}
     for name, ev in by_model.items():
         t = {k: v["t"] for k, v in ev.items() if isinstance(v, dict)}
@@ -329,6 +334,7 @@ def model_times(
             load=t.get("loaded", t["transformer_lens_imported"]) - t["transformer_lens_imported"],
             batches=sum(ev["batches"]),
             n_batches=len(ev["batches"]),
+            replicas=max(0, starts.get(name, 1) - 1),
             diagnostics=t["diagnostics"] - ev["diagnostics"]["start"] if "diagnostics" in t else 0,
             sink_add=stamps.get("sink_add_s", {}).get(name, 0.0),
             commit=committed.get("end", 0.0) - committed.get("start", 0.0),

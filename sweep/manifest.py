@@ -76,6 +76,9 @@ class SweepOptions:
     audit: bool = _LENS_DEFAULTS["audit"]
     unembed_precision: str = _LENS_DEFAULTS["unembed_precision"]
     max_seq_len: int = 256  # for memory estimates only; prompts are never cut
+    # When a model ends, the CPU cores it held may run another actor of a slower CPU model on
+    # that node (sweep.execute); results are the same either way.
+    replicas: bool = True
 
     @property
     def decoded_lenses(self) -> tuple[str, ...]:
@@ -122,7 +125,8 @@ class Manifest:
         """Hash of everything that determines a model's results (not its artefact paths)."""
         payload = {
             "model": {**asdict(model), "source": asdict(model.source)},
-            "options": asdict(self.options),
+            # Scheduling only: how the work is spread leaves every result as it is.
+            "options": {k: v for k, v in asdict(self.options).items() if k != "replicas"},
             "prompts": [asdict(p) for p in self.prompts],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -279,7 +283,7 @@ def _parse_sweep(path: Path, table: Any, base: dict[str, Any]) -> dict[str, Any]
             _typed(path, where, value, int, "an integer")
         elif key in ("copy_threshold", "copy_margin"):
             value = float(_typed(path, where, value, (int, float), "a number"))
-        elif key in ("prepend_bos", "keep_layernorm_bias", "keep_residuals", "audit"):
+        elif key in ("prepend_bos", "keep_layernorm_bias", "keep_residuals", "audit", "replicas"):
             _typed(path, where, value, bool, "true or false")
         elif key == "lenses":
             _typed(path, where, value, list, "a list of lens names")

@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="read prompt files outside the manifest's folder (never /proc, /sys, /dev)",
     )
+    p.add_argument(
+        "--no-replicas",
+        action="store_true",
+        help="no second actors on cores finished models left (as [sweep] replicas = false)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -419,6 +424,7 @@ def _sweep(
             configs, {p.name: p.ray_options() for p in runnable}, list(manifest.prompts),
             manifest.options.batch_size, manifest.options.batch_tokens, run_dir, ledger, context,
             progress=not args.no_progress,
+            replicas=manifest.options.replicas and not args.no_replicas,
         )  # fmt: skip
     merge_run(run_dir, ledger.models)
     _reports(run_dir)

@@ -137,6 +137,19 @@ def test_a_model_time_line_is_split_into_its_parts():
     assert m.other == pytest.approx(21.8 - (2 + 3 + 5 + 4 + 6.5 + 0.3 + 0.1 + 0.2))
 
 
+def test_a_replicas_start_is_counted_and_its_batches_added_not_its_time_line():
+    stamps = {"committed": {MODEL: {"start": 121.6, "end": 121.8}}}
+    replica = [
+        {**e, "t": e["t"] + 8.0, **({"start": e["start"] + 8.0} if "start" in e else {})}
+        for e in _events(100.0)
+    ]
+    m = model_times(replica + _events(100.0), stamps, submitted=100.0)[MODEL]
+    assert m.replicas == 1 and m.n_batches == 4
+    assert m.submit_to_init == pytest.approx(2.0)  # the first actor's, whatever the order read
+    assert m.load == pytest.approx(4.0)
+    assert m.batches == pytest.approx(2 * (2.0 + 4.5))
+
+
 def test_in_one_process_a_model_starts_at_its_constructor():
     m = model_times(_events(0.0), {}, submitted=None)[MODEL]
     assert m.submit_to_init == 0.0
