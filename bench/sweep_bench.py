@@ -4,10 +4,10 @@ Three measurements in one run (``python -m bench.sweep_bench``; ``--quick``: a f
 
 1. The sweep through Ray against one plain process, both end to end (interpreter launch to exit),
    on two workloads (``bench.sweep_workload``): the demo manifest, whose wall time is mostly
-   start-up, and a research-scale one, the same models over its prompts repeated to about 80,
+   start-up, and a research-scale one, the same models over its prompts repeated to about 340,
    where model compute dominates. Ray: the driver's own ``sweep.run.main()`` (local Ray start,
-   placement, one actor per model, running at once on a split of the node's cores, merge,
-   reports, Ray shutdown). One process: the same ActorConfigs and batches, one ``LensActor`` per
+   placement, one actor per model, running at once on a split of the node's cores, replicas on
+   cores a finished model left, merge, reports, Ray shutdown). One process: the same ActorConfigs and batches, one ``LensActor`` per
    model after the other at torch's default threads (every core), the same artefacts, merged
    tables and reports: the fair baseline. ``one@1`` (one thread) is an extra row. Rounds
    alternate which goes first; a ratio is the median of per-round ratios. Target: Ray / one

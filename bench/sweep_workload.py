@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-RESEARCH_PROMPTS = 80
+RESEARCH_PROMPTS = 340  # a sweep of hundreds of prompts: the models run for minutes
 
 
 @dataclass(frozen=True)

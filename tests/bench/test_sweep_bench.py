@@ -39,7 +39,7 @@ def test_by_default_both_workloads_and_the_one_thread_row_run_twice():
     args = parse_args([])
     assert (args.repeats, args.load_repeats, args.skip_loads) == (2, 2, False)
     assert args.variants == ["ray", "one", "one@1"]
-    assert (args.workloads, args.research_prompts) == (["demo", "research"], 80)
+    assert (args.workloads, args.research_prompts) == (["demo", "research"], 340)
     assert parse_args(["--workloads", "research", "research"]).workloads == ["research"]
 
 
