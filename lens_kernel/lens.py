@@ -122,10 +122,13 @@ class LensOutputs:
     row_pos: torch.Tensor | None = None
 
 
-def _rows_per_chunk(d_vocab: int, chunk_bytes: int) -> int:
-    # A quarter of the budget for the [rows, V] float32 logits of one matmul: the gathers and
-    # index copies of the reads stay within the rest.
-    return max(1, chunk_bytes // (4 * 4 * d_vocab))
+def _rows_per_chunk(d_vocab: int, chunk_bytes: int, exact: bool = True) -> int:
+    """Rows of one matmul: the budget holds its [rows, V] float32 logits (what the reads after
+    it allocate is cache-sized). A lens faster than float32 also holds the matmul's bf16 product
+    and the audit's float32 raw rows beside it: a third as many rows then. Few large matmuls
+    beat many small ones: on a CPU a 262k vocabulary's matmul ran 20% faster at 512 rows than
+    at 128 (``bench/audit_bench.py``)."""
+    return max(1, chunk_bytes // (4 * d_vocab * (1 if exact else 3)))
 
 
 def _cat_rows(parts: list[RowStats]) -> RowStats:
@@ -270,7 +273,7 @@ def lens_pass(
         n_all = row_b.numel()
 
     per_prompt = n_rows_layers * (2 if raw_in_matmul else 1)
-    capacity = _rows_per_chunk(vocab, chunk_bytes)
+    capacity = _rows_per_chunk(vocab, chunk_bytes, exact_lens)
     chunks = _pack(batch if ref_in_matmul else 0, batch, per_prompt, n_all, capacity)
 
     # The softmax passes run on slices of at most `sub` rows (see CACHE_BYTES), in these buffers.

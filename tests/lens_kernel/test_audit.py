@@ -342,7 +342,7 @@ def test_audit_leaves_the_lens_bit_identical(case: AuditCase) -> None:
     """audit=None vs an audit, also where the audit halves the chunks (2 prompts -> 1)."""
     b = build(case)
     layers = b.resid_next.shape[0]
-    for chunk_bytes in (lens_module.DEFAULT_CHUNK_BYTES, 2 * layers * 4 * 4 * b.unembed.d_vocab):
+    for chunk_bytes in (lens_module.DEFAULT_CHUNK_BYTES, 2 * layers * 4 * b.unembed.d_vocab):
         plain = run_kernel(case, None, chunk_bytes=chunk_bytes)
         audited = run_kernel(case, AuditRule(), chunk_bytes=chunk_bytes)
         assert plain.audit is None and plain.prompt_audit is None

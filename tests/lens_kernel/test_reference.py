@@ -223,7 +223,7 @@ def run_kernel(case: Case, chunk_rows: int | None, all_positions: bool) -> LensO
         positions=b.positions if all_positions else None,
     )
     # The kernel budgets four float32 [rows, V] buffers per chunk, so this gives chunk_rows rows.
-    kwargs = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * 4 * 4 * b.vocab}
+    kwargs = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * 4 * b.vocab}
     return lens_pass(
         inputs, b.kernel_plan, b.unembed, case.top_k, case.rule, case.keep_bias,
         final_norm=b.final_kernel, **kwargs,
@@ -483,7 +483,7 @@ def test_mixed_norm_plan_with_shared_specs() -> None:
     inputs = LensInputs(
         b.resid_next, b.prompt_ids, b.answer_ids, resid_all=b.resid_all, positions=b.positions
     )
-    for chunk_bytes in (lens_module.DEFAULT_CHUNK_BYTES, 3 * 4 * 4 * b.vocab):
+    for chunk_bytes in (lens_module.DEFAULT_CHUNK_BYTES, 3 * 4 * b.vocab):
         out = lens_pass(inputs, kernel_plan, b.unembed, case.top_k, chunk_bytes=chunk_bytes)
         rows = ref.all_positions(
             b.resid_all.double().numpy(), b.positions.numpy(), ref_plan, b.ref_unembed, case.top_k
