@@ -26,7 +26,6 @@ class _Job:
     so a batch's results do not depend on which one ran it."""
 
     name: str
-    actor: Any
     sink: ModelArtefacts
     batches: list[list[PromptSpec]] = field(default_factory=list)
     todo: list[int] = field(default_factory=list)  # planned batches still to run, in order
@@ -275,7 +274,7 @@ def run_models(
             if name == job.name:
                 del pending[ref]
                 replica_of.pop(ref, None)
-        for actor in {id(a): a for a in [job.actor, *job.actors, *job.starting]}.values():
+        for actor in [*job.actors, *job.starting]:
             ray.kill(actor)
         release(job)
         jobs.pop(job.name, None)
@@ -295,8 +294,8 @@ def run_models(
     for cfg in configs:
         actor = remote_cls.options(**with_worker_env(options[cfg.name])).remote(cfg)
         fingerprint = ledger.models.get(cfg.name, {}).get("fingerprint") or ""
-        job = _Job(cfg.name, actor, ModelArtefacts(run_dir, cfg.name, fingerprint))
-        job.actors, job.in_flight, job.ran = [actor], [0], [0]
+        sink = ModelArtefacts(run_dir, cfg.name, fingerprint)
+        job = _Job(cfg.name, sink, actors=[actor], in_flight=[0], ran=[0])
         jobs[cfg.name] = job
         ledger.update(
             cfg.name, status="running", started_at=now(), error=None, replicas=0,
