@@ -97,34 +97,25 @@ def compare(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[
     return out
 
 
-def finish(logits: torch.Tensor, unembed: Any, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The unembedding's bias and soft cap after the matmul, as ``UnembedSpec._finish`` (in
-    place); ``ids``: the logits are those columns of each row (the bias gathered to match)."""
-    if unembed.b_U is not None:
-        logits.add_(unembed.b_U if ids is None else unembed.b_U[ids])
-    if unembed.softcap is not None:
-        logits.div_(unembed.softcap).tanh_().mul_(unembed.softcap)
-    return logits
-
-
-def bf16_logits(rows: torch.Tensor, unembed: Any) -> torch.Tensor:
+def bf16_product(rows: torch.Tensor, unembed: Any) -> torch.Tensor:
     """bf16 x @ bf16 W_U with float32 accumulation and result (the operands rounded, the
-    product float32: the most a bf16 decode could keep), then bias and soft cap."""
+    product float32: the most a bf16 decode could keep); before bias and soft cap, which
+    ``unembed._finish`` adds (in place) as for any of its matmuls."""
     w = unembed.W_U.to(torch.bfloat16).float()
-    return finish(torch.matmul(rows.float().to(torch.bfloat16).float(), w), unembed)
+    return torch.matmul(rows.float().to(torch.bfloat16).float(), w)
 
 
 def refine(
-    logits: torch.Tensor, rows: torch.Tensor, unembed: Any, ids: torch.Tensor, chunk: int = 64
+    product: torch.Tensor, rows: torch.Tensor, unembed: Any, ids: torch.Tensor, chunk: int = 64
 ) -> torch.Tensor:
-    """A copy of ``logits`` [n, V] with each row's ``ids`` [n, k] recomputed in float32 from the
-    rows [n, d] and W_U (then bias and soft cap); every other logit is left as it was."""
-    out = logits.clone()
+    """A copy of ``product`` [n, V] (x @ W_U, before bias and soft cap) with each row's ``ids``
+    [n, k] recomputed in float32 from the rows [n, d] and W_U; every other entry as it was."""
+    out = product.clone()
     d_model = rows.shape[1]
     for s in range(0, rows.shape[0], chunk):
         x, i = rows[s : s + chunk].float(), ids[s : s + chunk]
         cols = unembed.W_U.index_select(1, i.flatten()).view(d_model, *i.shape)  # [d, n, k]
-        out[s : s + chunk].scatter_(1, i, finish(torch.einsum("nd,dnk->nk", x, cols), unembed, i))
+        out[s : s + chunk].scatter_(1, i, torch.einsum("nd,dnk->nk", x, cols))
     return out
 
 
@@ -199,21 +190,23 @@ def measure(actor: Any, name: str, prompts: list[Any]) -> ModelReport:
         zn = u(normed.reshape(-1, d_model))
         zr = u.reference(rows)
         ref = raw_metrics(zn, zr, answer)
-        zb = bf16_logits(rows, u)
-        ids = refine_ids(zb, zn, answer, REFINE_TOP)
-        variants = dict(zip(VARIANTS, (zb, refine(zb, rows, u, ids)), strict=True))
+        product = bf16_product(rows, u)
+        ids = refine_ids(product, zn, answer, REFINE_TOP)  # chosen before the bias, as in u
+        zb = u._finish(product.clone())
+        variants = dict(zip(VARIANTS, (zb, u._finish(refine(product, rows, u, ids))), strict=True))
         errors = {v: compare(ref, raw_metrics(zn, z, answer)) for v, z in variants.items()}
         logit_err = float((zb - zr).abs().max())
         del variants, zb
         w_t = torch.empty((u.d_vocab, d_model), dtype=torch.bfloat16, device=u.W_U.device)
         w_t.copy_(u.W_U.T)  # the layout UnembedSpec's bf16 kernel uses
 
-        def kernel() -> torch.Tensor:
-            return finish(torch.matmul(rows.to(torch.bfloat16), w_t.T).float(), u)
+        def kernel(finish: bool = True) -> torch.Tensor:
+            z = torch.matmul(rows.to(torch.bfloat16), w_t.T).float()
+            return u._finish(z) if finish else z
 
         def kernel_refined() -> torch.Tensor:
-            z = kernel()
-            return refine(z, rows, u, refine_ids(z, zn, answer, REFINE_TOP))
+            z = kernel(finish=False)
+            return u._finish(refine(z, rows, u, refine_ids(z, zn, answer, REFINE_TOP)))
 
         kernel_err = float((kernel() - zr).abs().max())
         ratios = time_ratios(lambda: u.reference(rows), [kernel, kernel_refined])

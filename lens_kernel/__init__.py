@@ -5,7 +5,7 @@ Imports torch only: no Ray, no Arrow, no files, no tokenizer strings.
 
 from lens_kernel.audit import AuditRows, AuditRule, PromptAudit, artefact_score
 from lens_kernel.collapse import CollapseRule, PromptCollapse, collapse_layers, first_true_layer
-from lens_kernel.lens import LensInputs, LensOutputs, decode_rows, lens_pass
+from lens_kernel.lens import LensInputs, LensOutputs, lens_pass, norm_rows
 from lens_kernel.metrics import (
     NextTokenStats,
     RowStats,
@@ -50,13 +50,13 @@ __all__ = [
     "artefact_score",
     "build_norm_plan",
     "collapse_layers",
-    "decode_rows",
     "entropy_bits",
     "first_true_layer",
     "kl_bits",
     "lens_pass",
     "next_token_rows",
     "next_token_stats",
+    "norm_rows",
     "parity_failures",
     "parity_stats",
     "row_stats",

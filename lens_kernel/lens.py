@@ -64,19 +64,6 @@ def norm_rows(
     return normed
 
 
-def decode_rows(
-    resid: torch.Tensor,
-    layer_of_row: torch.Tensor,
-    norm_plan: list[NormSpec | None],
-    unembed: UnembedSpec,
-    keep_bias: bool = True,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Lens logits [n, V] for residual rows [n, d_model]; row r uses norm_plan[layer_of_row[r]]:
-    ``norm_rows``, then one unembed matmul, written into ``out`` [n, V] float32 when given."""
-    return unembed(norm_rows(resid, layer_of_row, norm_plan, keep_bias), out=out)
-
-
 @dataclass
 class LensInputs:
     """One batch of prompts for the lens.
@@ -290,7 +277,9 @@ def lens_pass(
         )
         raw_probs_buf, spare_buf = (torch.zeros(sub_next, vocab, device=device) for _ in range(2))
     # The audit's last-layer check reads the head's own log-probs (default: the reference's).
-    head_log_probs = None if head_logits is None else torch.log_softmax(head_logits.float(), -1)
+    head_log_probs = (
+        None if audit is None or head_logits is None else torch.log_softmax(head_logits.float(), -1)
+    )
     prompt_stats: list[NextTokenStats] = []
     audits: list[AuditRows] = []
     all_parts: list[RowStats] = []

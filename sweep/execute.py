@@ -134,7 +134,8 @@ def run_models(
     prompts_ref = ray.put(prompts)  # every actor counts the same prompts
     manifest_ids = [p.id for p in prompts]
     jobs: dict[str, _Job] = {}
-    pending: dict[Any, tuple[str, str, int]] = {}  # ref -> (model, kind, batch index)
+    # ref -> (model, kind, batch index or -1, the actor's slot in job.actors or -1)
+    pending: dict[Any, tuple[str, str, int, int]] = {}
     models_bar = tqdm(
         total=len(configs), desc="models", unit="model", disable=not progress, position=0
     )
@@ -171,16 +172,16 @@ def run_models(
             return None
         return str(entry["node_id"]), int(entry.get("cpus") or 1), int(entry["est_bytes"])
 
-    def release(job: _Job) -> None:
-        """The cores (and a CPU model's RAM) the model's actors held go back to its node."""
+    def release(job: _Job, actors: int) -> None:
+        """The cores (and a CPU model's RAM) that many of the model's actors held go back to
+        its node."""
         entry = ledger.models.get(job.name, {})
         node, cpus = entry.get("node_id"), int(entry.get("cpus") or 0)
-        held = max(1, len(job.actors)) + len(job.starting)
         if node and cpus:
-            free_cpus[node] = free_cpus.get(node, 0) + cpus * held
+            free_cpus[node] = free_cpus.get(node, 0) + cpus * actors
         where = placed_on_cpu(job.name)
         if where is not None:
-            headroom[where[0]] = headroom.get(where[0], 0) + where[2] * held
+            headroom[where[0]] = headroom.get(where[0], 0) + where[2] * actors
 
     def batch_s(job: _Job) -> float | None:
         """Seconds one actor takes per batch, from this run's results so far (None: none yet)."""
@@ -217,20 +218,13 @@ def run_models(
         job.starting.remove(replica)
         if not job.unsubmitted:  # the others got there first
             ray.kill(replica)
-            release_one(job)
+            release(job, 1)
             return
         job.actors.append(replica)
         job.in_flight.append(0)
         job.ran.append(0)
         ledger.update(job.name, replicas=len(job.actors) - 1)
         submit(job)
-
-    def release_one(job: _Job) -> None:
-        """The cores of one replica of the model go back to its node's pool."""
-        where = placed_on_cpu(job.name)
-        if where is not None:
-            free_cpus[where[0]] = free_cpus.get(where[0], 0) + where[1]
-            headroom[where[0]] = headroom.get(where[0], 0) + where[2]
 
     def plan(job: _Job, lengths: list[int]) -> set[int]:
         """Plan the model's batches; returns those an earlier run finished (kept)."""
@@ -261,7 +255,7 @@ def run_models(
         if job.done == len(job.batches):
             for replica in job.starting:  # no work left for it
                 ray.kill(replica)
-                release_one(job)
+                release(job, 1)
             job.starting.clear()
             for slot, actor in enumerate(job.actors):
                 pending[actor.diagnostics.remote()] = (job.name, "diagnostics", -1, slot)
@@ -276,7 +270,7 @@ def run_models(
                 replica_of.pop(ref, None)
         for actor in [*job.actors, *job.starting]:
             ray.kill(actor)
-        release(job)
+        release(job, len(job.actors) + len(job.starting))
         jobs.pop(job.name, None)
         wall = time.perf_counter() - job.started
         ledger.update(job.name, status=status, finished_at=now(), wall_s=round(wall, 3), **fields)
@@ -316,7 +310,7 @@ def run_models(
                     job.starting.remove(replica)
                     ray.kill(replica)
                     ledger.update(name, replica_error=explain_failure(exc))
-                    release_one(job)
+                    release(job, 1)
                     continue
                 replica_ready(job, replica)
                 continue

@@ -470,7 +470,7 @@ def test_all_false_positions_mask_returns_empty_rows() -> None:
 
 
 def test_mixed_norm_plan_with_shared_specs() -> None:
-    """decode_rows groups rows by spec object: repeated, None and distinct specs in one plan."""
+    """norm_rows groups rows by spec object: repeated, None and distinct specs in one plan."""
     case = CASES[0]
     b = build(case)
     a_k, a_r = b.kernel_plan[0], b.ref_plan[0]
